@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` and `make test`. Both create or reuse .venv.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lint clean
+
+$(VENV)/.installed-base: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV) ""
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV) "test"
+	touch $@ $(VENV)/.installed-base
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(BIN)/python examples/demo.py
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests bench examples
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: raw rows -> Conversation (sources) -> rendered text (templates) -> tokens + answer mask (tokenize)."""

@@ -1,0 +1,1 @@
+"""Models: loading bases and tokenizers, LoRA adapters, merging and export."""

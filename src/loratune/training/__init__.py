@@ -1,0 +1,1 @@
+"""The training engine pieces the recipe in `loratune.train` wires together."""

@@ -1,0 +1,73 @@
+"""The causal-LM loss as a *sum* over answer tokens, so callers normalise by the true token count.
+
+Returning a sum (not a mean per micro-batch) is what makes gradient accumulation exact: the loss of an
+accumulated step is sum(all answer-token NLLs) / (answer tokens in all its micro-batches), the same number a
+single big batch gives. Averaging per-micro-batch means over-weights short batches (the peer bug fixed in
+transformers PR 34191).
+
+Fast path (`training.fast_path`): run the decoder for hidden states, keep only positions that have a label, and
+compute the output head + cross-entropy in chunks under activation checkpointing. Full [tokens x vocab] fp32
+logits never exist: on Phi-2 (vocab 51,200) that is 200 KB per token, more than the rest of the activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loratune.data.tokenize import IGNORE
+
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping, scaling or extra norm.
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2",
+                    "stablelm", "starcoder2", "smollm3", "granite_no"}
+CHUNK_TOKENS = 4096
+
+
+def _inner_causal_lm(model: Any) -> Any:
+    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base else model
+
+
+def fast_path_supported(model: Any) -> bool:
+    lm = _inner_causal_lm(model)
+    return getattr(lm.config, "model_type", "") in PLAIN_HEAD_TYPES and hasattr(lm, "model") \
+        and lm.get_output_embeddings() is not None
+
+
+def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                      chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """sum CE(head(hidden), targets) computed chunk by chunk; each chunk's logits are recomputed in backward."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, t)
+    return total
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of NLL over answer tokens, number of answer tokens) for one micro-batch already on the device."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    n = int(keep.sum())
+    if fast and fast_path_supported(model):
+        lm = _inner_causal_lm(model)
+        hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+        selected = hidden[:, :-1][keep]
+        return chunked_head_loss(lm.get_output_embeddings(), selected, targets[keep]), n
+    logits = model(**inputs, use_cache=False).logits
+    flat = logits[:, :-1][keep].float()
+    return F.cross_entropy(flat, targets[keep], reduction="sum"), n
