@@ -81,3 +81,24 @@ def test_template_round_trips_through_dict(tiny_tokenizer):
     t = resolve_template("chat-template", tiny_tokenizer)
     assert Template.from_dict(t.to_dict()) == t
     assert t.stop_strings(tiny_tokenizer) == ["<|im_end|>"]
+
+
+@pytest.mark.parametrize("name", [*TEMPLATES, "chat-template"])
+def test_multi_turn_masks_token_by_token_for_every_template(tiny_tokenizer, name):
+    """Every token is trained iff its characters lie in an assistant answer or the end-of-turn token after it;
+    an assistant turn marked context-only (OASST1 pairs history) is masked like the prompt."""
+    t = resolve_template(name, tiny_tokenizer)
+    conv = Conversation([Message("user", "Hi there"), Message("assistant", "Hello!", trainable=False),
+                         Message("user", "2+2?"), Message("assistant", "4")])
+    segments = t.segments(conv, tiny_tokenizer)
+    # The byte-level tiny tokenizer maps each special token to one id and every other byte to one id, so the
+    # expected label of each token follows from the segment it comes from.
+    expected: list[bool] = []
+    for s in segments:
+        expected.extend([s.trainable] * len(tiny_tokenizer(s.text, add_special_tokens=False)["input_ids"]))
+    ex = encode(conv, t, tiny_tokenizer)
+    assert [lab != IGNORE for lab in ex.labels] == expected
+    assert all(lab in (IGNORE, tid) for tid, lab in zip(ex.input_ids, ex.labels))
+    assert trained_text(ex, tiny_tokenizer) == ("4 <|im_end|>" if name == "llama2" else "4<|im_end|>")
+    everything = encode(conv, t, tiny_tokenizer, train_on_prompt=True)
+    assert all(lab != IGNORE for lab in everything.labels)

@@ -99,6 +99,7 @@ class DataConfig(Section):
         "auto", description="Loader: auto picks by file extension; hf = a Hugging Face dataset name."
     )
     path: str | None = Field(None, description="File, folder or hub dataset name of the training data.")
+    revision: str | None = Field(None, description="Hub dataset revision (commit/tag); pinned ones are cached.")
     split: str = Field("train", description="Split and optional slice, e.g. train[5000:10000] or train[:10%].")
     validation_path: str | None = Field(None, description="Separate validation file or dataset.")
     validation_split: str | None = Field(None, description="Split (and slice) for validation from the same source.")
@@ -149,6 +150,39 @@ class TrainingConfig(Section):
     )
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
     fast_path: bool = Field(True, description="Use loratune's fused/chunked loss where correct.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes (--nproc, accelerate launch): ddp = each holds the whole model; "
+        "fsdp = base weights (4-bit too) sharded across processes with FSDP2, for bases too big for one GPU."
+    )
+
+
+class SpeedConfig(Section):
+    """Fast paths (loratune.speed). Each is exact where it is on by default; each can be switched off."""
+
+    varlen_attention: bool = Field(
+        True, description="Packed rows: attention per example (flash varlen on CUDA, SDPA per segment elsewhere), "
+                          "no [T x T] mask built.")
+    compute_dtype_frozen: bool = Field(
+        True, description="Keep frozen non-4-bit weights (embeddings, norms, head, biases) in the compute dtype "
+                          "instead of the fp32 copies prepare_model_for_kbit_training makes.")
+    autocast: bool = Field(
+        False, description="On CUDA, run the forward under bf16/fp16 autocast (the notebook recipe's mixed precision). "
+                           "Off by default: autocast runs LayerNorm in fp32, which turns the whole residual stream "
+                           "and attention fp32 (measured slower on an H100); LoRA matmuls then run in fp32.")
+    fused_lora: bool = Field(
+        True, description="Each LoRA projection (4-bit or plain base) as one fused autograd node instead of peft's "
+                          "module chain: same maths, a fraction of the kernel launches.")
+    fused_cross_entropy: bool = Field(
+        True, description="Output head + cross-entropy per chunk with the gradient computed in the same pass; full "
+                          "logits never exist.")
+    ce_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the fused head + cross-entropy.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile each decoder layer (regional); auto = on for CUDA, off on the CPU.")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class OutputConfig(Section):
@@ -164,6 +198,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -396,6 +431,12 @@ def _explain(err: dict[str, Any], root: type[BaseModel]) -> tuple[str, str]:
     if kind.endswith("_type") or kind.endswith("_parsing"):
         expected = kind.replace("_parsing", "").replace("_type", "")
         return dotted, f"expected {expected}, got {type(err.get('input')).__name__} {err.get('input')!r}"
+    if kind == "value_error":  # our own validators: drop pydantic's "Value error, " prefix
+        text = err["msg"].removeprefix("Value error, ")
+        first, _, rest = text.partition(" ")
+        if not dotted and "." in first and rest:  # a cross-section check names its key first: locate that key
+            return first, rest
+        return dotted, text
     return dotted, err["msg"]
 
 

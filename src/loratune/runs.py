@@ -35,7 +35,12 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     target = tmp / final.name
     try:
-        yield target
+        try:
+            yield target
+        except OSError as e:  # name the file the user asked for, not our temporary sibling
+            if e.filename and str(e.filename).startswith(str(target)):
+                e.filename = str(final) + str(e.filename)[len(str(target)):]
+            raise
         if final.is_dir() and not final.is_symlink():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)

@@ -22,14 +22,18 @@ from loratune.data.prepare import PreparedData, prepare
 from loratune.data.templates import Template, resolve_template
 from loratune.data.tokenize import preflight
 from loratune.errors import LoratuneError
-from loratune.models.load import LoadedModel, context_length, load_model
+from loratune.models.inspect import training_estimate
+from loratune.models.load import LoadedModel, context_length, load_model, resolve_device
 from loratune.models.lora import add_lora, count_parameters
 from loratune.plots import loss_curve
 from loratune.runs import MetricsLog, atomic_path, new_run_dir, write_json_atomic, write_text_atomic
+from loratune.speed import apply_speed
 from loratune.training import checkpoint as ckpt
+from loratune.training.distributed import DistContext, check_batch, init_distributed, shard_model, shutdown
 from loratune.training.loop import LoopSettings, fit
 from loratune.training.optim import build_optimizer, build_scheduler
 from loratune.training.progress import console
+from loratune.training.tracking import NullTracker, check_report_to, open_tracker
 
 
 @dataclass
@@ -63,8 +67,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
         resume_from = ckpt.find_resume_checkpoint(resume)
         run_dir = resume_from.parent.parent
         cfg = load_config(run_dir / "config.yaml")  # the run's own config, so the data order matches
-    else:
-        run_dir = new_run_dir(cfg.output.dir, cfg.output.name or "run", overwrite=cfg.output.overwrite)
+    check_report_to(cfg.training.report_to)
+    # Data-parallel: one process per GPU (or CPU process over gloo) when launched by --nproc/torchrun/accelerate.
+    dist = init_distributed(resolve_device(cfg.model.device), cfg.training.distributed)
+    check_batch(dist, cfg.training.batch_size)
+    if resume_from is not None and dist.is_main:
+        ckpt.clean_partial(run_dir / "checkpoints")  # a save killed midway left a .tmp-* folder: never resumed from
     seed_everything(cfg.training.seed)
 
     # 1. model and tokenizer
@@ -73,31 +81,53 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
     template = resolve_template(cfg.data.template, tokenizer, getattr(loaded.model.config, "model_type", None), log=_log)
 
     # 2. data
-    data = prepare(cfg.data, tokenizer, template, seed=cfg.training.seed, model_max=context_length(loaded.model), log=_log)
+    data = prepare(cfg.data, tokenizer, template, seed=cfg.training.seed, model_max=context_length(loaded.model),
+                   log=_log, cache=True)  # the tokenized-dataset cache: a rerun skips tokenization
     sample = preflight(data.train, tokenizer, where=cfg.data.path or "data")
     _report_data(data, sample)
+    if resume_from is None:  # named only now, so a bad config, model or data leaves no empty run folder behind;
+        # rank 0 names the run folder, the others learn it
+        run_dir = dist.broadcast(new_run_dir(cfg.output.dir, cfg.output.name or "run", overwrite=cfg.output.overwrite)
+                                 if dist.is_main else None)
 
     # 3. adapter
     seed_everything(cfg.training.seed)  # LoRA init independent of how much randomness loading used
     model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
+    speed = apply_speed(model, cfg.speed, device=loaded.device, dtype=loaded.dtype)
+    if speed.applied:
+        _log(f"speed: {', '.join(speed.applied)}")
     trainable, total = count_parameters(model)
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    _log(training_estimate(loaded.model.config, cfg.lora, batch_size=cfg.training.batch_size,
+                           seq_len=data.max_length, bits=cfg.quantization.bits, dtype=loaded.dtype,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           double_quant=cfg.quantization.double_quant,
+                           trust_remote_code=cfg.model.trust_remote_code).one_line())
+    if dist.enabled:  # same LoRA init on every rank (seeded above), different dropout masks from here on
+        torch.manual_seed(cfg.training.seed + dist.rank)
 
-    # 4. optimizer, schedule, resume
+    # 4. resumed weights, FSDP sharding, optimizer, schedule, resumed optimizer/scheduler/RNG state
     steps = count_steps(len(data.train.examples), cfg.training.batch_size, cfg.training.grad_accum,
                         epochs=cfg.training.epochs, max_steps=cfg.training.max_steps)
+    if resume_from is not None:  # before sharding, so every rank loads the full LoRA weights
+        _load_adapter(model, resume_from)
+    if dist.fsdp:
+        shard_model(model, loaded.dtype)
     optimizer = build_optimizer(model, cfg.training, loaded.device)
     scheduler = build_scheduler(optimizer, cfg.training, steps)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     state = ckpt.TrainerState()
     if resume_from is not None:
-        state = _restore(model, optimizer, scheduler, resume_from, metrics)
+        state = _restore(model, optimizer, scheduler, resume_from, metrics, dist)
         _log(f"resuming from {resume_from} (step {state.step} of {steps})")
-    else:
+    elif dist.is_main:
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         write_json_atomic(run_dir / "template.json", template.to_dict())
         write_json_atomic(run_dir / "data_stats.json", data.stats)
+    tracker = (open_tracker(cfg.training.report_to, run_dir, metrics, config=cfg.model_dump(),
+                            resume_step=state.step if resume_from is not None else None)
+               if dist.is_main else NullTracker())
 
     # 5. the loop
     settings = LoopSettings(
@@ -111,29 +141,51 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
     validation = data.validation.examples if data.validation else None
     if cfg.training.eval_steps and not validation:
         _log("[yellow]training.eval_steps is set but there is no validation data; evaluation is skipped[/]")
+    on_eval = None  # training.eval_generate_every: a greedy token-F1 probe logged beside the validation loss
+    if cfg.training.eval_generate_every and validation:
+        from loratune.evaluate.during_training import generation_probe
+
+        if not cfg.training.eval_steps:
+            _log("[yellow]training.eval_generate_every runs at evaluations: set training.eval_steps too[/]")
+        on_eval = generation_probe(model, tokenizer, template, data.validation_conversations,
+                                   every=cfg.training.eval_generate_every, total_steps=steps, device=loaded.device)
     if torch.cuda.is_available() and loaded.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = fit(model, optimizer, scheduler, data.train.examples, validation, settings,
-                 pad_id=tokenizer.pad_token_id, device=loaded.device, run_dir=run_dir, state=state,
-                 total_steps=steps, metrics=metrics, show_progress=show_progress, stop_after=stop_after)
+    try:
+        result = fit(model, optimizer, scheduler, data.train.examples, validation, settings,
+                     pad_id=tokenizer.pad_token_id, device=loaded.device, run_dir=run_dir, state=state,
+                     total_steps=steps, metrics=tracker, show_progress=show_progress, stop_after=stop_after, dist=dist,
+                     on_eval=on_eval)
+    finally:
+        tracker.close()
 
-    # 6. outputs: best (or last) adapter, summary, plot
-    if stop_after is None or result.state.step >= steps or result.stopped_early:
+    # 6. outputs (rank 0): best (or last) adapter, summary, plot
+    finished = stop_after is None or result.state.step >= steps or result.stopped_early
+    if finished and dist.is_main:
         summary = _finish(run_dir, cfg, loaded, model, tokenizer, template, result, metrics, steps, trainable)
+        summary["processes"] = dist.world_size
+        write_json_atomic(run_dir / "summary.json", summary)
     else:
-        summary = {"stopped_after": result.state.step}
+        summary = {"stopped_after": result.state.step} if not finished else {"rank": dist.rank}
+    shutdown(dist)
     return TrainResult(run_dir, summary, model, tokenizer, template)
 
 
-def _restore(model: Any, optimizer: Any, scheduler: Any, folder: Path, metrics: MetricsLog) -> ckpt.TrainerState:
+def _load_adapter(model: Any, folder: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    ckpt.load_training_state(folder, optimizer, scheduler)
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+
+
+def _restore(model: Any, optimizer: Any, scheduler: Any, folder: Path, metrics: MetricsLog,
+             dist: DistContext) -> ckpt.TrainerState:
+    ckpt.load_training_state(folder, optimizer, scheduler, rank=dist.rank,
+                             load_optimizer=lambda sd: dist.load_optimizer_state_dict(model, optimizer, sd))
     state = ckpt.load_state(folder)
-    metrics.truncate_after(state.step)
+    if dist.is_main:
+        metrics.truncate_after(state.step)
+    dist.barrier()  # nobody logs before rank 0 has cut metrics.jsonl back to the checkpoint
     return state
 
 

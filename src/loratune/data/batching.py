@@ -7,6 +7,11 @@ Packing (`data.packing: true`, the default) concatenates a micro-batch's example
 Position ids restart at 0 for each example, and the attention never crosses an example boundary
 (transformers builds a block-diagonal causal mask from restarting position ids for sdpa/eager, and flash
 attention uses them as varlen boundaries). No padded token is computed at all.
+
+A packed batch must be run with `use_cache=False` (as `training.loss.loss_sum` does): transformers 5 looks for
+packed sequences only when there is no KV cache, and with the config's default `use_cache=True` the model makes an
+empty cache first, so the mask silently becomes one causal mask across all examples (logits off by up to 7.8 on
+the tiny test model). tests/test_packing.py checks packed == padded (loss) and packed == alone (logits).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str  # system | user | assistant
     content: str
+    # False for an assistant turn that is context only (OASST1 `pairs` mode: the history before the pair's answer
+    # is shown to the model but not trained on again, or a long thread would train its first reply many times).
+    trainable: bool = True
 
 
 @dataclass

@@ -158,6 +158,9 @@ def read_csv(path: Path) -> Iterator[Row]:
                 yield f"{path}:{reader.line_num}", dict(record)
     except UnicodeDecodeError as e:
         raise LoratuneError(f"not UTF-8 (byte {e.start})", file=path, hint="re-save the file as UTF-8") from None
+    except csv.Error as e:  # e.g. a field over the csv module's size limit, or a NUL byte
+        raise LoratuneError(f"not valid CSV: {e}", file=path, line=reader.line_num or None,
+                            hint="check the quoting there; records over 128 KB belong in JSONL") from None
 
 
 def read_parquet(path: Path) -> Iterator[Row]:
@@ -297,22 +300,52 @@ def source_kind(cfg: DataConfig, path: str) -> str:
                         hint="set data.source: jsonl, json, csv, parquet, oasst1, webglm or hf")
 
 
-def load_conversations(cfg: DataConfig, path: str, split_text: str) -> list[Conversation]:
-    """Load one split of one source as conversations (slice applied, nothing filtered yet)."""
+def load_conversations(cfg: DataConfig, path: str, split_text: str,
+                       dropped: dict[str, list[str]] | None = None) -> list[Conversation]:
+    """Load one split of one source as conversations (slice applied). Records a loader skips on purpose
+    (deleted OASST1 messages, orphaned subtrees, bad citations) are counted in `dropped` (reason -> origins)."""
     kind = source_kind(cfg, path)
     split = parse_split(split_text)
     if kind == "hf":
         from loratune.data.hub import hub_conversations
 
-        return hub_conversations(cfg, path, split)
+        return hub_conversations(cfg, path, split, dropped)
     if kind == "oasst1":
         from loratune.data.oasst1 import oasst1_conversations
 
-        return apply_slice(oasst1_conversations(Path(path), cfg.oasst1), split, what=path)
+        return apply_slice(oasst1_conversations(Path(path), cfg.oasst1, dropped), split, what=path)
     if kind == "webglm":
         from loratune.data.webglm import webglm_conversations
 
-        return apply_slice(webglm_conversations(Path(path)), split, what=path)
+        return apply_slice(webglm_conversations(Path(path), dropped), split, what=path)
     file_kind = EXTENSIONS.get(Path(path).suffix.lower(), kind if kind in READERS else "jsonl")
-    rows = apply_slice(read_rows(Path(path), file_kind), split, what=path)
+    rows = read_rows(Path(path), file_kind)
+    from loratune.data.oasst1 import is_oasst1_record
+
+    if rows and is_oasst1_record(rows[0][1]) and not _has_field_map(cfg.fields):
+        # OASST1 rows are messages, not examples: build the trees from all rows, then slice the conversations.
+        from loratune.data.oasst1 import oasst1_from_rows
+
+        return apply_slice(oasst1_from_rows(rows, cfg.oasst1, dropped), split, what=path)
+    return route_rows(cfg, apply_slice(rows, split, what=path), dropped)
+
+
+def _has_field_map(fields: FieldMap) -> bool:
+    return any(v is not None for v in fields.model_dump().values())
+
+
+def route_rows(cfg: DataConfig, rows: list[Row], dropped: dict[str, list[str]] | None = None) -> list[Conversation]:
+    """Records -> conversations with the converter their columns call for (by the first record): OASST1 message
+    rows or trees, WebGLM records, or the generic field map. An explicit `data.fields` always means generic."""
+    from loratune.data.oasst1 import is_oasst1_record, oasst1_from_rows
+    from loratune.data.webglm import is_webglm_record, webglm_from_rows
+
+    if not rows:
+        return []
+    first = rows[0][1]
+    if not _has_field_map(cfg.fields):
+        if is_oasst1_record(first):
+            return oasst1_from_rows(rows, cfg.oasst1, dropped)
+        if is_webglm_record(first):
+            return webglm_from_rows(rows, dropped)
     return generic_conversations(rows, cfg.fields)

@@ -64,7 +64,7 @@ class Template:
             else:
                 if self.assistant_header:
                     out.append(Segment(fill(self.assistant_header), False))
-                out.append(Segment(message.content + fill(self.assistant_end), True))
+                out.append(Segment(message.content + fill(self.assistant_end), message.trainable))
             previous = message.role
         if add_generation_prompt and self.assistant_header:
             out.append(Segment(fill(self.assistant_header), False))
@@ -144,7 +144,7 @@ def _chat_template_segments(template: Template, messages: list[Message], tokeniz
                 answer_and_end = full[len(rendered):]
             # Trailing newlines after the end-of-turn token are formatting, not something the model must produce.
             stripped = answer_and_end.rstrip("\n")
-            segments.append(Segment(stripped, True))
+            segments.append(Segment(stripped, message.trainable))
             if len(stripped) < len(answer_and_end):
                 segments.append(Segment(answer_and_end[len(stripped):], False))
         else:

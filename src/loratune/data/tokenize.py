@@ -83,18 +83,39 @@ def tokenize_conversations(
                 out.dropped.setdefault(f"longer than max_length {max_length}", []).append(conv.origin)
                 continue
             ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.origin, truncated=True)
-            out.n_truncated += 1
         if ex.n_trainable == 0:
-            reason = "no answer tokens left after truncation" if ex.truncated else "no answer tokens"
+            reason = NO_ANSWER_AFTER_TRUNCATION if ex.truncated else NO_ANSWER
             out.dropped.setdefault(reason, []).append(conv.origin)
             continue
+        out.n_truncated += ex.truncated  # kept examples whose answer was cut short (dropped ones are in `dropped`)
         out.examples.append(ex)
     return out
 
 
+# Why an example was dropped. Truncation explains a missing answer (the prompt filled max_length) and is reported;
+# an example that has no answer tokens at full length means a broken row or template and stops the run.
+NO_ANSWER = "no answer tokens"
+NO_ANSWER_AFTER_TRUNCATION = "no answer tokens left after truncation to max_length"
+
+
+def check_trainable(data: TokenizedData, *, where: str) -> None:
+    """Fail loudly if any example had zero trainable tokens for a reason other than truncation."""
+    broken = data.dropped.get(NO_ANSWER)
+    if broken:
+        more = f" ({len(broken) - 1} more examples too)" if len(broken) > 1 else ""
+        file, _, line = broken[0].rpartition(":")
+        if not line.isdigit():
+            file, line = broken[0] or where, ""
+        raise LoratuneError(f"this example has no trainable (answer) tokens{more}", file=file,
+                            line=int(line) if line else None,
+                            hint="give every record a non-empty answer, or check data.fields and data.template "
+                                 "(the answer must be rendered as an assistant turn)")
+
+
 def preflight(data: TokenizedData, tokenizer: Any, *, where: str) -> str:
-    """Fail loudly when nothing is trainable; return one example rendered with its masked tokens shown as
-    [prompt] text and answer text, for the user to eyeball before hours of training."""
+    """Fail loudly when any example (or everything) has nothing to train on; return one example rendered with its
+    masked tokens shown as ⟦prompt⟧ text and answer text, for the user to eyeball before hours of training."""
+    check_trainable(data, where=where)
     if not data.examples:
         reasons = "; ".join(f"{len(v)} {k} (first: {v[0]})" for k, v in data.dropped.items()) or "no records"
         raise LoratuneError(f"no training examples left: {reasons}", file=where,

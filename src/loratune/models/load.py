@@ -173,7 +173,9 @@ def _hub_error(source: str, e: Exception) -> LoratuneError:
     return LoratuneError(f"cannot load {source}: {text}", key="model.base")
 
 
-def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
+def load_tokenizer(source: str, cfg: ModelConfig, *, for_training: bool = True) -> Any:
+    """The tokenizer with the pad fix; padded on the right for training (labels line up with the text) and on
+    the left for batched generation (every prompt ends where generation starts)."""
     from transformers import AutoTokenizer
 
     try:
@@ -181,6 +183,8 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     fix_padding(tokenizer)
+    if not for_training:
+        tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -209,7 +213,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig, *, for_training: boo
     device = resolve_device(cfg.device)
     source = resolve_base(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(source, cfg)
+    tokenizer = load_tokenizer(source, cfg, for_training=for_training)
     qconfig = bnb_config(quant, dtype)
     try:
         hf_config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

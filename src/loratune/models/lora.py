@@ -67,9 +67,13 @@ def resolve_targets(model: Any, cfg: LoraConfig) -> list[str]:
 
 def peft_config(model: Any, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
+    from transformers.pytorch_utils import Conv1D
 
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=resolve_targets(model, cfg), use_dora=cfg.use_dora,
+    targets = resolve_targets(model, cfg)
+    # GPT-2's Conv1D stores weights as [in, out]; peft must know, or it warns and flips the flag itself.
+    fan_in_fan_out = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=fan_in_fan_out,
+                          target_modules=targets, use_dora=cfg.use_dora,
                           use_rslora=cfg.use_rslora, modules_to_save=cfg.modules_to_save or None, bias=cfg.bias,
                           task_type="CAUSAL_LM")
 
@@ -91,12 +95,17 @@ def add_lora(model: Any, cfg: LoraConfig, *, quantized: bool, gradient_checkpoin
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size.
+
+    A packed Params4bit holds 2 weights per byte of storage, so its numel depends on the storage dtype
+    (`bnb_4bit_quant_storage`: x2 for uint8, x4 for bf16, x8 for fp32); its quant_state knows the real shape.
+    """
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2
+        quant_state = getattr(p, "quant_state", None)
+        if p.__class__.__name__ == "Params4bit" and quant_state is not None:
+            n = quant_state.shape.numel()
         total += n
         if p.requires_grad:
             trainable += n

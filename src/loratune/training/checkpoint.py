@@ -50,12 +50,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+def save_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState,
+                    rng_states: list[dict[str, Any]] | None = None,
+                    adapter_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter, optimizer, scheduler, RNG (one per rank: `rng_states`, default this process's) and state.
+
+    `optimizer` is an optimizer or its state dict (FSDP gathers it first); `adapter_state` the full LoRA weights
+    when the model's own are sharded. The folder only appears once complete (atomic rename); `state.json` is
+    written last inside it.
+    """
+    optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "training_state.pt")
+        model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=adapter_state)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": rng_states or [rng_state()]}, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     return folder
 
@@ -76,20 +85,36 @@ def prune(folder: Path, keep_last: int, protect: Path | None) -> None:
     for old in list_checkpoints(folder)[:-keep_last]:
         if protect is None or old.resolve() != protect.resolve():
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in folder.glob(".tmp-*"):  # left by a killed save
-        shutil.rmtree(tmp, ignore_errors=True)
+    clean_partial(folder)
+
+
+def clean_partial(folder: Path) -> list[Path]:
+    """Remove what a killed save leaves: `.tmp-*` (being written) and `.old-*` (being replaced) siblings."""
+    leftovers = [*folder.glob(".tmp-*"), *folder.glob(".old-*")] if folder.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def load_state(folder: Path) -> TrainerState:
     return TrainerState(**json.loads((folder / "state.json").read_text()))
 
 
-def load_training_state(folder: Path, optimizer: Any, scheduler: Any) -> None:
+def load_training_state(folder: Path, optimizer: Any, scheduler: Any, rank: int = 0,
+                        load_optimizer: Any = None) -> None:
+    """Restore optimizer, scheduler and this rank's RNG (dropout masks continue exactly where they were).
+
+    `load_optimizer(state)` replaces `optimizer.load_state_dict` where the optimizer holds sharded state (FSDP).
+    """
     # weights_only=False is needed for numpy's RNG tuple; the file is one we wrote ourselves in this run folder.
     blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    states = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
+    if rank >= len(states):
+        raise LoratuneError(f"checkpoint holds RNG state for {len(states)} processes, this is process {rank}",
+                            file=folder, hint="resume with the same number of processes (--nproc) as the run used")
+    set_rng_state(states[rank])
 
 
 def find_resume_checkpoint(path: str | Path) -> Path:

@@ -1,7 +1,9 @@
 """The optimisation loop: accumulate, step, log, evaluate, checkpoint, stop early, survive SIGINT.
 
 Everything it needs comes in as plain objects; it knows nothing of config files or run-folder naming beyond
-the paths it is given.
+the paths it is given. Data-parallel runs go through the same code: each rank takes its share of every
+micro-batch, the loss is divided by the global answer-token count and gradients are summed across ranks
+(distributed.py), so one process and N processes compute the same step.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 from loratune.data.batching import collate, n_real_tokens, n_target_tokens, schedule
 from loratune.data.tokenize import Example
 from loratune.errors import LoratuneError, TrainingInterrupted
-from loratune.runs import MetricsLog
 from loratune.training import checkpoint as ckpt
+from loratune.training.distributed import DistContext
 from loratune.training.loss import loss_sum
 from loratune.training.progress import TrainProgress
 
@@ -64,19 +66,57 @@ def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Te
 
 @torch.no_grad()
 def evaluate_loss(model: Any, examples: list[Example], pad_id: int, *, batch_size: int, packing: bool,
-                  fast: bool, device: Any) -> tuple[float, int]:
-    """Mean NLL per answer token over `examples` (and the token count)."""
+                  fast: bool, device: Any, dist: DistContext | None = None) -> tuple[float, int]:
+    """Mean NLL per answer token over `examples` (and the token count); ranks split the examples."""
+    dist = dist or DistContext()
+    mine = dist.shard(list(range(len(examples))))
+    n_batches = math.ceil(math.ceil(len(examples) / dist.world_size) / batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[i : i + batch_size], pad_id, packing=packing), device)
+    for i in range(0, n_batches * batch_size, batch_size):
+        chunk = mine[i : i + batch_size]
+        if not chunk and not dist.fsdp:
+            break
+        # FSDP ranks must run the same number of forwards (each gathers weights); a rank out of examples
+        # runs one it already scored and counts nothing.
+        batch = to_device(collate([examples[j] for j in chunk or mine[:1] or [0]], pad_id, packing=packing), device)
         s, n = loss_sum(model, batch, fast=fast)
-        total += float(s)
-        count += n
+        if chunk:
+            total += float(s)
+            count += n
     if was_training:
         model.train()
-    return total / max(count, 1), count
+    total, count = dist.sum(total, count)
+    return total / max(count, 1), int(count)
+
+
+def accumulate(model: Any, batches: list[dict[str, torch.Tensor]], *, device: Any, fast: bool,
+               dist: DistContext | None = None, counted: list[bool] | None = None) -> tuple[float, int]:
+    """Forward + backward over one optimizer step's micro-batches (this rank's share); gradients accumulate.
+
+    Each micro-batch's loss is its answer-token NLL *sum* divided by the answer tokens of the whole window on
+    all ranks, so the accumulated gradient equals one big batch's mean-per-token gradient. Dividing each
+    micro-batch by its own count (mean of means) over-weights short answers: the bug fixed in transformers
+    PR 34191. Returns (this step's global loss, this rank's real tokens).
+
+    `counted[i] = False` marks a stand-in micro-batch (FSDP ranks must all run the same number of passes): it
+    runs forward and backward with weight 0.
+    """
+    dist = dist or DistContext()
+    counted = counted or [True] * len(batches)
+    local_targets = sum(n_target_tokens(b) for b, c in zip(batches, counted) if c)
+    (window_targets,) = dist.sum(local_targets)
+    local_loss, real = 0.0, 0
+    for batch, use in zip(batches, counted):
+        s, _ = loss_sum(model, to_device(batch, device), fast=fast)
+        loss = s / max(window_targets, 1) if use else s * 0.0
+        (loss * dist.loss_scale).backward()
+        if use:
+            real += n_real_tokens(batch)
+            local_loss += float(loss.detach())
+    (step_loss,) = dist.sum(local_loss)
+    return step_loss, real
 
 
 def fit(
@@ -92,13 +132,23 @@ def fit(
     run_dir: Path,
     state: ckpt.TrainerState,
     total_steps: int,
-    metrics: MetricsLog,
+    metrics: Any,
     on_eval: Callable[[int], dict[str, float]] | None = None,
     show_progress: bool = True,
     stop_after: int | None = None,
+    dist: DistContext | None = None,
 ) -> LoopResult:
-    """Train from `state.step` to `total_steps` (or `stop_after`, for tests that stop mid-run)."""
+    """Train from `state.step` to `total_steps` (or `stop_after`, for tests that stop mid-run).
+
+    `metrics` is anything with `write(record)`: the run's Tracker (metrics.jsonl + TensorBoard/wandb) on the
+    main rank, a NullTracker on the others.
+    """
+    dist = dist or DistContext()
+    # The fused loss calls the decoder and head modules directly, past the root module whose forward FSDP hooks
+    # to gather the embeddings and head; under FSDP the loss goes through model(...) instead.
+    fast = settings.fast_path and not dist.fsdp
     checkpoints = run_dir / "checkpoints"
+    trainable = [p for p in model.parameters() if p.requires_grad]
     best_ckpt: Path | None = None
     last_ckpt: Path | None = None
     if state.best_step is not None and (checkpoints / f"step-{state.best_step:06d}").is_dir():
@@ -106,16 +156,23 @@ def fit(
     stopped_early = False
     model.train()
     t_start = time.perf_counter() - state.wall_time_s
-    window_loss, window_tokens, window_real = 0.0, 0, 0
+    window_loss, window_steps = 0.0, 0
 
     def save(step: int) -> Path:
         nonlocal last_ckpt
         state.wall_time_s = time.perf_counter() - t_start
-        last_ckpt = ckpt.save_checkpoint(checkpoints / f"step-{step:06d}", model, optimizer, scheduler, state)
-        ckpt.prune(checkpoints, settings.save_total_limit, protect=best_ckpt)
-        return last_ckpt
+        folder = checkpoints / f"step-{step:06d}"
+        rng_states = dist.gather(ckpt.rng_state())  # every rank's dropout RNG, so a resume is exact on each
+        adapter_state = dist.trainable_state_dict(model)  # FSDP: gathered from the shards (all ranks take part)
+        optimizer_state = dist.optimizer_state_dict(model, optimizer)
+        if dist.is_main:
+            ckpt.save_checkpoint(folder, model, optimizer_state, scheduler, state, rng_states, adapter_state)
+            ckpt.prune(checkpoints, settings.save_total_limit, protect=best_ckpt)
+        dist.barrier()  # no rank runs ahead of (or reads) a checkpoint rank 0 is still writing
+        last_ckpt = folder
+        return folder
 
-    progress = TrainProgress(total_steps, state.step, enabled=show_progress)
+    progress = TrainProgress(total_steps, state.step, enabled=show_progress and dist.is_main)
     current_step = state.step
     try:
         with progress:
@@ -124,41 +181,38 @@ def fit(
                 if step <= state.step:
                     continue  # resumed: this step is already in the checkpoint
                 current_step = step - 1
-                batches = [collate([train[i] for i in mb], pad_id, packing=settings.packing) for mb in window]
-                # Normalise by the answer tokens of the whole accumulation window (exact gradient accumulation).
-                window_targets = sum(n_target_tokens(b) for b in batches)
-                step_loss = 0.0
-                step_real = 0
-                for batch in batches:
-                    step_real += n_real_tokens(batch)
-                    s, _ = loss_sum(model, to_device(batch, device), fast=settings.fast_path)
-                    loss = s / max(window_targets, 1)
-                    loss.backward()
-                    step_loss += float(loss.detach())
+                shares = [dist.shard(mb) for mb in window]
+                if not dist.fsdp:
+                    shares = [share for share in shares if share]
+                counted = [bool(share) for share in shares]
+                batches = [collate([train[i] for i in share or window[0][:1]], pad_id, packing=settings.packing)
+                           for share in shares]
+                step_loss, local_real = accumulate(model, batches, device=device, fast=fast, dist=dist,
+                                                   counted=counted)
+                dist.sum_gradients(trainable)
                 if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], settings.max_grad_norm
-                    )
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                (step_real,) = dist.sum(local_real)
                 state.step = step
                 current_step = step
-                state.train_tokens += step_real
+                state.train_tokens += int(step_real)
                 window_loss += step_loss
-                window_tokens += 1
-                window_real += step_real
+                window_steps += 1
                 lr = scheduler.get_last_lr()[0]
-                progress.update(step, step_loss, step_real, lr)
+                progress.update(step, step_loss, int(step_real), lr)
                 if step % settings.logging_steps == 0 or step == total_steps:
-                    metrics.write({"step": step, "loss": round(window_loss / window_tokens, 6), "lr": lr,
+                    metrics.write({"step": step, "loss": round(window_loss / window_steps, 6), "lr": lr,
                                    "tokens_per_s": round(progress.tokens_per_s(), 1), "train_tokens": state.train_tokens,
                                    "time_s": round(time.perf_counter() - t_start, 2)})
-                    window_loss, window_tokens, window_real = 0.0, 0, 0
+                    window_loss, window_steps = 0.0, 0
                 improved = False
                 if validation and settings.eval_steps and (step % settings.eval_steps == 0 or step == total_steps):
                     val_loss, _ = evaluate_loss(model, validation, pad_id, batch_size=settings.eval_batch_size,
-                                                packing=settings.packing, fast=settings.fast_path, device=device)
+                                                packing=settings.packing, fast=fast, device=device,
+                                                dist=dist)
                     record = {"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(min(val_loss, 50)), 4)}
                     if on_eval:
                         record.update(on_eval(step))

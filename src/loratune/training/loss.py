@@ -8,10 +8,13 @@ transformers PR 34191).
 Fast path (`training.fast_path`): run the decoder for hidden states, keep only positions that have a label, and
 compute the output head + cross-entropy in chunks under activation checkpointing. Full [tokens x vocab] fp32
 logits never exist: on Phi-2 (vocab 51,200) that is 200 KB per token, more than the rest of the activations.
+With `speed.fused_cross_entropy` the chunks also compute their gradient in the forward pass
+(`loratune.speed.cross_entropy`), so the head matmul is not recomputed in backward.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -57,17 +60,29 @@ def chunked_head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torc
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -> tuple[torch.Tensor, int]:
-    """(sum of NLL over answer tokens, number of answer tokens) for one micro-batch already on the device."""
+    """(sum of NLL over answer tokens, number of answer tokens) for one micro-batch already on the device.
+
+    A model prepared by `loratune.speed.apply_speed` carries a plan: the forward then runs under its autocast,
+    and the head + cross-entropy use the fused pass when the plan asks for it and the head is frozen.
+    """
+    from loratune.speed import plan_of
+    from loratune.speed.cross_entropy import head_is_frozen, linear_cross_entropy_sum
+
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n = int(keep.sum())
-    if fast and fast_path_supported(model):
-        lm = _inner_causal_lm(model)
-        hidden = lm.model(**inputs, use_cache=False).last_hidden_state
-        selected = hidden[:, :-1][keep]
-        return chunked_head_loss(lm.get_output_embeddings(), selected, targets[keep]), n
-    logits = model(**inputs, use_cache=False).logits
+    plan = plan_of(model)
+    with plan.autocast() if plan else nullcontext():
+        if fast and fast_path_supported(model):
+            lm = _inner_causal_lm(model)
+            hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+            selected = hidden[:, :-1][keep]
+            head = lm.get_output_embeddings()
+            if plan and plan.fused_cross_entropy and head_is_frozen(head):
+                return linear_cross_entropy_sum(selected, head, targets[keep], plan.ce_chunk_tokens), n
+            return chunked_head_loss(head, selected, targets[keep]), n
+        logits = model(**inputs, use_cache=False).logits
     flat = logits[:, :-1][keep].float()
     return F.cross_entropy(flat, targets[keep], reduction="sum"), n

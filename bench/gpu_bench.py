@@ -1,0 +1,278 @@
+"""GPU throughput bench: the notebook recipe, Unsloth and loratune on one synthetic QLoRA workload, one device call.
+
+Workload (issue 9): Phi-2 config (or TinyLlama's ~1B shape) with random weights, NF4 double-quant, bf16 compute,
+LoRA r=32 alpha=64, batch 4, example lengths uniform in 128..1024 (`baselines/seed_recipe_gpu.lengths`, seed 0),
+every token labelled. The recipe pads every example to 1024; Unsloth runs its recommended settings; loratune runs
+its own recipe code (models.load.load_model with the 4-bit config, models.lora.add_lora, speed.apply_speed,
+training.loss.loss_sum, training.optim) on packed, padding-free micro-batches.
+
+    python3 bench/gpu_bench.py --arch phi2                      # recipe, Unsloth, ours, ablations; table last
+    python3 bench/gpu_bench.py --only ours --arch phi2 --set speed.compile=off
+    python3 bench/gpu_bench.py --only probe                     # what the device's torch/transformers offer
+
+Each variant runs in its own process (Unsloth patches transformers at import; peak memory stays per variant).
+Results go to $OUT/results.jsonl (one JSON per variant) and a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "baselines"))
+OUT = Path(os.environ.get("OUT", "/tmp/loratune-bench"))
+RESULTS = OUT / "results.jsonl"  # the baseline scripts append here too
+PEAK_TFLOPS = 989e12  # H100 SXM dense bf16 datasheet: the baseline scripts' MFU denominator
+
+# Ablations: one lever off at a time from the default (everything on).
+ABLATIONS = {
+    "ours": [],
+    "ours-no-compile": ["speed.compile=off"],
+    "ours-no-varlen": ["speed.varlen_attention=false"],
+    "ours-no-fused-ce": ["speed.fused_cross_entropy=false"],
+    "ours-autocast": ["speed.autocast=true"],
+    "ours-fp32-frozen": ["speed.compute_dtype_frozen=false"],
+    "ours-padded": ["data.packing=false"],
+    "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
+                     "speed.autocast=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
+}
+
+
+def record(res: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    print("RESULT " + json.dumps(res), flush=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+def bench_config(arch: str, path: str, steps: int, overrides: list[str]):
+    """The loratune Config a user would write for this workload (what `loratune train` would run)."""
+    from loratune.config import _set_dotted, parse_override, validate
+
+    raw = {
+        "model": {"base": path, "device": "cuda", "dtype": "bf16", "gradient_checkpointing": True},
+        "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "auto"},
+        "data": {"max_length": 1024, "packing": True},
+        # The recipe's Trainer defaults: AdamW (torch), linear decay, no warm-up, clip at 1.0.
+        "training": {"max_steps": steps, "batch_size": 4, "learning_rate": 2e-4, "scheduler": "linear",
+                     "max_grad_norm": 1.0, "seed": 42},
+    }
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    return validate(raw)
+
+
+def run_ours(a: argparse.Namespace) -> None:
+    import seed_recipe_gpu as recipe
+    import torch
+
+    from loratune.data.batching import collate
+    from loratune.data.tokenize import Example
+    from loratune.models.load import load_model
+    from loratune.models.lora import add_lora, count_parameters
+    from loratune.speed import apply_speed
+    from loratune.train import seed_everything
+    from loratune.training.loss import loss_sum
+    from loratune.training.optim import build_optimizer, build_scheduler
+
+    path = f"/tmp/{a.arch}-random"
+    recipe.make_model_dir(a.arch, path)
+    cfg = bench_config(a.arch, path, a.steps, a.set)
+    t_setup = time.perf_counter()
+    # --- exactly train.train's model setup ---
+    seed_everything(cfg.training.seed)
+    loaded = load_model(cfg.model, cfg.quantization)
+    seed_everything(cfg.training.seed)
+    model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
+                     gradient_checkpointing=cfg.model.gradient_checkpointing)
+    plan = apply_speed(model, cfg.speed, device=loaded.device, dtype=loaded.dtype)
+    trainable, _ = count_parameters(model)
+    optimizer = build_optimizer(model, cfg.training, loaded.device)
+    scheduler = build_scheduler(optimizer, cfg.training, a.steps)
+    setup_s = time.perf_counter() - t_setup
+
+    # --- the same synthetic data as the recipe and Unsloth: lengths(seed 0), tokens seeded by example index ---
+    vocab = model.config.vocab_size
+    lens = recipe.lengths(a.steps * a.bs * 2, a.minlen, a.maxlen)
+    examples = []
+    for i, n in enumerate(lens[: a.steps * a.bs]):
+        ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+        examples.append(Example(ids, list(ids)))
+    pad_id = loaded.tokenizer.pad_token_id
+
+    nbase = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+                for n, p in model.named_parameters() if "lora_" not in n)  # 4-bit weights at their logical size
+    n_lin = nbase - vocab * model.config.hidden_size
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses, real, processed = [], [], [], []
+    first_step_s = None
+    profiler = None
+    for step in range(a.steps):
+        if a.profile and step == a.warmup:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
+        if profiler is not None and step == a.warmup + a.profile:
+            profiler.__exit__(None, None, None)
+            print(f"=== profile {a.name}: {a.profile} steps, by CUDA time")
+            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+            print(f"=== profile {a.name}: by CPU self time")
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+            profiler = None
+        batch = collate(examples[step * a.bs : (step + 1) * a.bs], pad_id, packing=cfg.data.packing)
+        batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s, n = loss_sum(model, batch, fast=cfg.training.fast_path)
+        loss = s / max(n, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if step == 0:
+            first_step_s = dt
+        times.append(dt)
+        losses.append(float(loss))
+        real.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
+        processed.append(batch["input_ids"].numel())
+    w = a.warmup
+    t = sum(times[w:])
+    real_tps = sum(real[w:]) / t
+    proc_tps = sum(processed[w:]) / t
+    from loratune.speed.attention import PATH_COUNTS
+
+    record(dict(
+        attention_paths=dict(PATH_COUNTS), variant=a.name, arch=a.arch, overrides=a.set, speed_applied=plan.applied, step_s=round(t / (a.steps - w), 4),
+        tokens_per_s_real=round(real_tps), tokens_per_s_processed=round(proc_tps),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        mfu_processed_vs_989=round(proc_tps * 4 * n_lin / PEAK_TFLOPS, 3),
+        mfu_6n_real_vs_989=round(real_tps * 6 * n_lin / PEAK_TFLOPS, 3),
+        loss_last=round(losses[-1], 4), loss_last5=round(sum(losses[-5:]) / len(losses[-5:]), 4),
+        first_step_s=round(first_step_s, 2), setup_s=round(setup_s, 1), steps=a.steps, warmup=w,
+        trainable=trainable, base_params=nbase, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+    ))
+
+
+def probe() -> None:
+    import importlib.util
+    import inspect
+
+    import torch
+    import transformers
+
+    info = {"variant": "probe", "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        info["varlen_attn"] = str(inspect.signature(varlen_attn))
+    except ImportError as e:
+        info["varlen_attn"] = f"missing: {e}"
+    for mod in ("bitsandbytes", "flash_attn", "liger_kernel", "unsloth", "triton", "pydantic", "rich", "yaml"):
+        info[mod] = importlib.util.find_spec(mod) is not None
+    record(info)
+
+
+def ceiling() -> None:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 20
+    record(dict(variant="matmul_ceiling", tflops=round(2 * 8192**3 / dt / 1e12, 1), gpu=torch.cuda.get_device_name()))
+
+
+def child(args: list[str], timeout: int) -> None:
+    """Run one variant in a fresh process; a crash or timeout is reported and the bench goes on."""
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *args], timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              capture_output=True, text=True)
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        if proc.returncode != 0:
+            print(f"--- {' '.join(args)} failed (rc {proc.returncode}):\n{tail}", flush=True)
+        else:
+            print(f"--- {' '.join(args)}: {time.perf_counter() - t:.0f} s", flush=True)
+            print("\n".join(line for line in tail.splitlines() if "RESULT" in line or "Error" in line), flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"--- {' '.join(args)} timed out after {timeout} s", flush=True)
+
+
+def table(arch: str) -> None:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    rows = [r for r in rows if "tokens_per_s_real" in r and (r.get("arch") or r["variant"].split("_")[1]) == arch]
+    recipe = next((r for r in rows if r["variant"].startswith(f"recipe_{arch}")), None)
+    unsloth = next((r for r in rows if r["variant"].startswith("unsloth_")), None)
+    print(f"\n{arch}: real tok/s, padded (processed) tok/s, step s, peak GiB, MFU (4N x processed / 989 TF), "
+          f"loss@last, ratios vs recipe / Unsloth")
+    print(f"{'variant':28s} {'real':>7s} {'proc':>7s} {'step_s':>7s} {'GiB':>6s} {'MFU':>6s} {'loss':>8s} "
+          f"{'x recipe':>8s} {'x unsloth':>9s}")
+    for r in rows:
+        x_rec = r["tokens_per_s_real"] / recipe["tokens_per_s_real"] if recipe else float("nan")
+        x_uns = r["tokens_per_s_real"] / unsloth["tokens_per_s_real"] if unsloth else float("nan")
+        mfu = r.get("mfu_processed_vs_989", float("nan"))
+        print(f"{r['variant']:28s} {r['tokens_per_s_real']:7d} {r.get('tokens_per_s_processed', 0):7d} "
+              f"{r['step_s']:7.3f} {r['peak_mem_gib']:6.2f} {mfu:6.3f} {r.get('loss_last') or float('nan'):8.4f} "
+              f"{x_rec:8.2f} {x_uns:9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="phi2", choices=["phi2", "llama1b"])
+    p.add_argument("--only", default=None, help="ours | recipe | unsloth | probe | ceiling | table")
+    p.add_argument("--name", default="ours")
+    p.add_argument("--variants", default=",".join(ABLATIONS), help="comma list of ablation names for the driver")
+    p.add_argument("--baselines", default="recipe,unsloth", help="comma list: recipe, unsloth (or empty)")
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. speed.compile=off")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--minlen", type=int, default=128)
+    p.add_argument("--maxlen", type=int, default=1024)
+    p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
+    p.add_argument("--profile", type=int, default=0, help="with --only ours: profile this many steps after warm-up")
+    a = p.parse_args()
+    if a.only == "ours":
+        return run_ours(a)
+    if a.only == "probe":
+        return probe()
+    if a.only == "ceiling":
+        return ceiling()
+    if a.only == "table":
+        return table(a.arch)
+    me = str(Path(__file__).resolve())
+    common = ["--steps", str(a.steps), "--minlen", str(a.minlen), "--maxlen", str(a.maxlen)]
+    child([me, "--only", "probe"], 120)
+    child([me, "--only", "ceiling"], 120)
+    for base in filter(None, a.baselines.split(",")):
+        if base == "recipe":
+            child([str(HERE / "baselines" / "seed_recipe_gpu.py"), "--arch", a.arch, "--name", f"recipe_{a.arch}",
+                   "--bs", str(a.bs), *common], a.timeout)
+        elif base == "unsloth":
+            child([str(HERE / "baselines" / "unsloth_gpu.py"), "--arch", a.arch, "--bs", str(a.bs), *common], a.timeout)
+    for name in filter(None, a.variants.split(",")):
+        sets = [x for s in ABLATIONS[name] for x in ("--set", s)]
+        child([me, "--only", "ours", "--arch", a.arch, "--name", name, "--bs", str(a.bs), "--warmup",
+               str(a.warmup), *common, *sets], a.timeout)
+    table(a.arch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Fast paths for LoRA/QLoRA training, one module per idea, applied by `apply_speed` after `add_lora`.
+
+- attention.py      packed rows attend per example (flash varlen / SDPA per segment), no [T x T] mask
+- precision.py      frozen weights back in the compute dtype; LoRA matmuls under autocast over fp32 masters
+- lora.py           each LoRA projection (4-bit or plain base) as one fused autograd node
+- cross_entropy.py  output head + cross-entropy per chunk with the gradient in the same pass (no full logits)
+- compile.py        torch.compile of each decoder layer (regional)
+
+Every lever is exact (tests/test_speed_equivalence.py compares with plain transformers + peft) and has a switch in
+the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to the model, where
+`loratune.training.loss.loss_sum` finds it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loratune.config import SpeedConfig
+from loratune.speed import attention
+from loratune.speed.precision import autocast_context, frozen_to_compute_dtype
+
+PLAN_ATTR = "loratune_speed_plan"
+
+
+@dataclass
+class SpeedPlan:
+    """What `apply_speed` switched on, and what the loss needs to know at every step."""
+
+    device_type: str
+    autocast_dtype: torch.dtype | None = None
+    fused_cross_entropy: bool = False
+    ce_chunk_tokens: int = 1024
+    applied: list[str] = field(default_factory=list)
+
+    def autocast(self) -> AbstractContextManager:
+        return autocast_context(self.device_type, self.autocast_dtype)
+
+
+def plan_of(model: Any) -> SpeedPlan | None:
+    plan = model.__dict__.get(PLAN_ATTR) if hasattr(model, "__dict__") else None
+    return plan if isinstance(plan, SpeedPlan) else None
+
+
+def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype) -> SpeedPlan:
+    """Apply the switched-on levers to a peft-wrapped model in place; returns (and attaches) the plan."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    plan = SpeedPlan(device_type=device_type, ce_chunk_tokens=cfg.ce_chunk_tokens)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cfg.varlen_attention and attention.enable(inner):
+        plan.applied.append("varlen_attention")
+    if cfg.compute_dtype_frozen and frozen_to_compute_dtype(model, dtype):
+        plan.applied.append("compute_dtype_frozen")
+    if cfg.autocast and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        plan.autocast_dtype = dtype
+        plan.applied.append("autocast")
+    if cfg.fused_lora:
+        from loratune.speed.lora import fuse_lora_linears
+
+        if fuse_lora_linears(model):
+            plan.applied.append("fused_lora")
+    if cfg.fused_cross_entropy:
+        plan.fused_cross_entropy = True
+        plan.applied.append("fused_cross_entropy")
+    if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
+        from loratune.speed.compile import compile_layers
+
+        if compile_layers(model):
+            plan.applied.append("compile")
+    model.__dict__[PLAN_ATTR] = plan
+    return plan
+
+
+__all__ = ["SpeedPlan", "apply_speed", "plan_of"]

@@ -1,0 +1,122 @@
+"""Fused LoRA linear: base (4-bit or plain) matmul + dropout + LoRA in one autograd node.
+
+peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` through about a dozen Python modules and autograd
+nodes per projection (peft Linear4bit -> bnb Linear4bit -> MatMul4Bit, two nn.Linear, nn.Dropout, casts, a clone
+and adds). On a GPU at QLoRA sizes the step is bound by that CPU-side dispatch, not by the GPU (measured on an
+H100, Phi-2, 2,300 tokens per step: 0.29 s of GPU work under 0.8 s of CPU launch overhead). Here each projection
+is one `torch.autograd.Function` with the minimum of kernels:
+
+    forward   W = dequant(W4)                 (bitsandbytes' kernel; skipped for a plain weight)
+              y = x W^T + b                    one addmm
+              h = dropout(x) A^T               mask, one mm
+              y += scaling * h B^T             one addmm (in place)
+    backward  dx = dy W + scaling * ((dy B) A) * mask
+              dA = scaling * (dy B)^T dropout(x),  dB = scaling * dy^T h
+
+LoRA matmuls run in the compute dtype against fp32 master weights (cast per call; the cast of an r x d matrix
+is tiny), and A/B gradients are returned in fp32. The dequantized weight is never kept: backward dequantizes
+again, as bitsandbytes does. The maths is peft's; `tests/test_speed_equivalence.py` compares gradients.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout_p: float) -> torch.Tensor:
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        w = _dequantize(weight, dtype)
+        out = F.linear(x2, w, None if bias is None else bias.to(dtype))
+        del w
+        mask = None
+        xd = x2
+        if dropout_p > 0:
+            # Same distribution as nn.Dropout: keep with probability 1 - p, scale kept values by 1 / (1 - p).
+            mask = torch.empty_like(x2).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+            xd = x2 * mask
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        h = xd @ a.t()
+        out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, xd, h, mask, lora_a, lora_b)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, xd, h, mask, lora_a, lora_b = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dtype = dy.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        g = (dy @ b).mul_(ctx.scaling)  # [tokens, r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(weight, dtype)
+            grad_x = dy @ w
+            del w
+            lora_dx = g @ a
+            if mask is not None:
+                lora_dx.mul_(mask)
+            grad_x.add_(lora_dx)
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_a = (g.t() @ xd).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        grad_b = (dy.t() @ h).mul_(ctx.scaling).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replacement forward for a peft LoRA linear with one plain adapter; anything else takes peft's own path."""
+    adapters = self.active_adapters
+    if (self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
+            or adapters[0] not in self.lora_A or torch.is_autocast_enabled()):
+        return self._loratune_peft_forward(x, *args, **kwargs)
+    name = adapters[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    base = self.base_layer
+    compute = getattr(base, "compute_dtype", None) or x.dtype
+    out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
+                                 self.lora_B[name].weight, float(self.scaling[name]), float(p))
+    return out.to(x.dtype)
+
+
+def _eligible(module: Any) -> bool:
+    """peft LoRA over a 4-bit bitsandbytes linear or a plain nn.Linear; vanilla LoRA only (no DoRA/variants)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", {}):
+        return False
+    base = getattr(module, "base_layer", None)
+    is_4bit = type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
+    is_plain = type(base) is torch.nn.Linear
+    if not (is_4bit or is_plain) or any(p.requires_grad for p in base.parameters()):
+        return False  # the fused node returns no gradient for the base weight or bias
+    return all(type(d) in (torch.nn.Dropout, torch.nn.Identity) for d in module.lora_dropout.values())
+
+
+def fuse_lora_linears(model: Any) -> int:
+    """Swap the forward of every eligible peft LoRA linear for the fused one; returns how many were swapped."""
+    count = 0
+    for module in model.modules():
+        if _eligible(module) and not hasattr(module, "_loratune_peft_forward"):
+            module._loratune_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count

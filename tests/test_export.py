@@ -1,0 +1,136 @@
+"""GGUF export round trip: write with the gguf package, read back with transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from loratune.errors import LoratuneError
+from loratune.models.export import export_gguf, permute_qk, tokenizer_metadata
+from tests.conftest import QA_ROWS, build_tokenizer, tiny_run_config
+
+PROMPTS = ["What is 3 plus 4?", "Hello there", "2+2="]
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory, tiny_llama_dir):
+    """A trained tiny Llama run and its fp32 merge (the reference the GGUF must reproduce)."""
+    from loratune.models.merge import merge_run
+    from loratune.train import train
+
+    data = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    cfg = tiny_run_config(tiny_llama_dir, data, tmp_path_factory.mktemp("runs"), max_steps=4, learning_rate=3e-2)
+    run = train(cfg, show_progress=False).run_dir
+    return run, merge_run(run, tmp_path_factory.mktemp("merged") / "m", dtype="fp32")
+
+
+def _load_gguf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.mark.parametrize("gguf_type,tolerance", [("f16", 0.02), ("q8_0", 0.5)])
+def test_gguf_round_trip_logits_and_greedy(merged_run, tmp_path, gguf_type, tolerance):
+    """Measured on the tiny model (logits up to ~5): f16 differs by 0.008, q8_0 by 0.24 (max abs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, merged_dir = merged_run
+    path = export_gguf(run, tmp_path / f"model-{gguf_type}.gguf", gguf_type=gguf_type)
+    gguf_model, gguf_tok = _load_gguf(path)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    assert gguf_model.config.model_type == "llama" and not gguf_model.config.tie_word_embeddings
+    assert gguf_model.config.num_key_value_heads == 2
+    assert gguf_model.config.rms_norm_eps == pytest.approx(merged.config.rms_norm_eps, rel=1e-6)  # stored as fp32
+    for prompt in PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        assert gguf_tok(text, return_tensors="pt", add_special_tokens=False).input_ids.tolist() == ids.tolist()
+        with torch.no_grad():
+            diff = (gguf_model(ids).logits - merged(ids).logits).abs().max().item()
+        assert diff < tolerance
+        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert gguf_model.generate(ids, **greedy).tolist() == merged.generate(ids, **greedy).tolist()
+    assert gguf_tok.chat_template == tok.chat_template
+    assert gguf_tok.eos_token == "<|im_end|>" and gguf_tok.pad_token_id == tok.pad_token_id
+
+
+def test_q8_0_tensors_are_quantized_and_norms_stay_fp32(merged_run, tmp_path):
+    import gguf
+
+    path = export_gguf(merged_run[1], tmp_path / "q8.gguf", gguf_type="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    assert len(types) == 2 * 9 + 3  # 9 tensors per block + embeddings, final norm, untied head
+
+
+def test_qk_permutation_is_what_transformers_reverses():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weights = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+    for heads, kv in ((4, 4), (4, 2)):
+        back = LlamaTensorProcessor()._reverse_permute_weights(permute_qk(weights, heads, kv), heads, kv)
+        np.testing.assert_array_equal(back, weights)
+    assert not np.array_equal(permute_qk(weights, 4, 4), weights)
+
+
+def test_tokenizer_metadata_types():
+    tok = build_tokenizer()
+    meta = tokenizer_metadata(tok, vocab_size=len(tok) + 2)
+    assert meta["model"] == "gpt2" and meta["tokens"][-2:] == [f"[PAD{len(tok)}]", f"[PAD{len(tok) + 1}]"]
+    assert meta["types"][tok.convert_tokens_to_ids("<|im_end|>")] == 3  # control: kept whole, never split
+    assert meta["types"][10] == 1 and meta["types"][-1] == 5
+
+
+def test_export_cli(merged_run, tmp_path):
+    from loratune.cli import app
+
+    out = tmp_path / "cli.gguf"
+    result = CliRunner().invoke(app, ["export", str(merged_run[1]), "--format", "gguf", "--type", "f16",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"GGUF"
+    again = CliRunner().invoke(app, ["export", str(merged_run[1]), "--out", str(out)])
+    assert again.exit_code != 0 and "output file exists" in str(again.exception)
+
+
+def test_unsupported_architecture_and_bad_type(tiny_phi_dir, merged_run, tmp_path):
+    with pytest.raises(LoratuneError) as err:
+        export_gguf(tiny_phi_dir, tmp_path / "phi.gguf")
+    assert 'does not support the "phi" architecture' in str(err.value) and "supported: llama" in str(err.value)
+    assert not (tmp_path / "phi.gguf").exists()
+    with pytest.raises(LoratuneError, match='unknown GGUF type "q4_k"'):
+        export_gguf(merged_run[1], tmp_path / "x.gguf", gguf_type="q4_k")
+
+
+def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
+    """A Llama 2 style vocabulary (BPE over Metaspace with <0xNN> byte fallback) is written as tokenizer model
+    "llama" and reads back to the same ids, unknown characters included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaTokenizer
+
+    from loratune.models.export import write_gguf
+
+    pieces = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], *"\u2581abcdefghijklmnopqrstuvwxyz",
+              "\u2581t", "he", "\u2581the", "is", "\u2581is"]
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("i", "s"), ("\u2581", "is")]
+    tok = LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges)
+    config = LlamaConfig(vocab_size=len(pieces), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = write_gguf(model, tok, tmp_path / "spm.gguf")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = "the cat is here, \u00dcn\u00efcode!"
+    ids = tok(text).input_ids
+    assert back(text).input_ids == ids and tok.convert_ids_to_tokens(ids[:3]) == ["\u2581the", "\u2581", "c"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (reloaded(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits).abs().max() < 0.01
