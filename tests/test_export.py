@@ -36,9 +36,12 @@ def _load_gguf(path):
     return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-@pytest.mark.parametrize("gguf_type,tolerance", [("f16", 0.02), ("q8_0", 0.5)])
-def test_gguf_round_trip_logits_and_greedy(merged_run, tmp_path, gguf_type, tolerance):
-    """Measured on the tiny model (logits up to ~5): f16 differs by 0.008, q8_0 by 0.24 (max abs)."""
+@pytest.mark.parametrize("gguf_type,tolerance,greedy_prompts", [("f16", 0.02, 3), ("q8_0", 0.5, 0)])
+def test_gguf_round_trip_logits_and_greedy(merged_run, tmp_path, gguf_type, tolerance, greedy_prompts):
+    """Measured on the tiny model (logits up to ~5, max abs diff over 9 runs): f16 0.006-0.009, q8_0 0.10-0.31.
+    f16 greedy generations are identical. This random model's next-token distributions are nearly flat, so q8_0's
+    error flips near-ties (1 to 3 of 3 prompts matched over runs); for q8_0 the top-1 token must agree at 80% of
+    positions instead (SmolLM2 q8_0 gave identical greedy text, see BENCHMARKS.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, merged_dir = merged_run
@@ -49,15 +52,20 @@ def test_gguf_round_trip_logits_and_greedy(merged_run, tmp_path, gguf_type, tole
     assert gguf_model.config.model_type == "llama" and not gguf_model.config.tie_word_embeddings
     assert gguf_model.config.num_key_value_heads == 2
     assert gguf_model.config.rms_norm_eps == pytest.approx(merged.config.rms_norm_eps, rel=1e-6)  # stored as fp32
+    same, top1 = 0, []
     for prompt in PROMPTS:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         assert gguf_tok(text, return_tensors="pt", add_special_tokens=False).input_ids.tolist() == ids.tolist()
         with torch.no_grad():
-            diff = (gguf_model(ids).logits - merged(ids).logits).abs().max().item()
+            got, want = gguf_model(ids).logits, merged(ids).logits
+        diff = (got - want).abs().max().item()
+        top1.append((got.argmax(-1) == want.argmax(-1)).float().mean().item())
+        print(f"{gguf_type}: max abs logit diff {diff:.4f}")
         assert diff < tolerance
         greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert gguf_model.generate(ids, **greedy).tolist() == merged.generate(ids, **greedy).tolist()
+        same += gguf_model.generate(ids, **greedy).tolist() == merged.generate(ids, **greedy).tolist()
+    assert same >= greedy_prompts and min(top1) >= 0.8
     assert gguf_tok.chat_template == tok.chat_template
     assert gguf_tok.eos_token == "<|im_end|>" and gguf_tok.pad_token_id == tok.pad_token_id
 

@@ -106,7 +106,7 @@ def test_estimate_is_close_to_measured_cpu_peak_without_checkpointing(tiny_llama
     vocab_part = 2 * 64 * logits.shape[-1] * 4  # the logits tensor itself, counted in the estimate's logits term
     measured = activations - vocab_part
     print(f"activations: estimated {est.activations} bytes, measured {measured} bytes")
-    assert 0.6 < est.activations / measured < 1.6, (est.activations, measured)
+    assert 0.85 < est.activations / measured < 1.3, (est.activations, measured)  # measured ratio 1.15
 
 
 def test_inspect_cli_on_a_config_folder(phi2_config_dir):
@@ -131,6 +131,8 @@ def test_inspect_bad_inputs(tmp_path, phi2_config_dir):
         inspect_model(str(empty), LoraConfig())
     with pytest.raises(LoratuneError, match=r"o_proj not in this model \(linear layers here: dense, fc1"):
         inspect_model(str(phi2_config_dir), LoraConfig(target_modules=["o_proj"]))
+    with pytest.raises(LoratuneError, match="cannot load someone/not-cached"):  # conftest sets HF_HUB_OFFLINE=1
+        inspect_model("someone/not-cached", LoraConfig())
     result = CliRunner().invoke(app, ["inspect", str(phi2_config_dir), "--bits", "3"])
     assert result.exit_code != 0 and 'unknown bit width "3"' in str(result.exception)
 

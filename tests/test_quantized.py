@@ -12,6 +12,16 @@ from loratune.models.lora import add_lora, count_parameters
 pytest.importorskip("bitsandbytes")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """bitsandbytes' CPU 4-bit kernels slow down ~10x with 2 OpenMP threads on a busy 2-core machine (measured: NF4
+    forward+backward of SmolLM2 on 16 tokens 50 s vs 0.5 s), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _storage_bytes(p: torch.Tensor) -> torch.Tensor:
     # Packed 4-bit weights viewed as fp32 can contain NaN bit patterns, so compare raw bytes, not values.
     return p.detach().contiguous().view(torch.uint8).clone()

@@ -181,6 +181,25 @@ def test_frozen_weights_back_in_compute_dtype(tiny_phi_dir):
     assert plan_of(model) is plan
 
 
+@pytest.fixture(scope="module")
+def phi64_dir(tmp_path_factory):
+    """A 2-layer Phi of width 64: bitsandbytes' CPU 4-bit kernels need rows of at least 64 values."""
+    from transformers import AutoModelForCausalLM, PhiConfig
+
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = PhiConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, resid_pdrop=0.0,
+                       embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=3,
+                       bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("phi64")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_qlora_model(model_dir, *, dropout: float = 0.0):
     """The tiny model in 4-bit NF4 (bitsandbytes runs 4-bit on the CPU) with fp32 compute, as add_lora wraps it."""
     loaded = load_model(ModelConfig(base=str(model_dir), device="cpu", dtype="fp32"),
@@ -196,9 +215,27 @@ def make_qlora_model(model_dir, *, dropout: float = 0.0):
     return model, loaded
 
 
-def test_fused_lora_over_4bit_matches_peft(tiny_phi_dir):
-    reference, loaded = make_qlora_model(tiny_phi_dir)
-    ours = copy.deepcopy(reference)
+def dequantized_copy(model):
+    """The same peft model with every 4-bit base replaced by an nn.Linear holding its dequantized weight: the
+    exact fp32 maths the fused node must reproduce (bitsandbytes' CPU kernel itself rounds differently)."""
+    import bitsandbytes.functional as bnbf
+
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        base = getattr(module, "base_layer", None)
+        if type(base).__name__ == "Linear4bit":
+            plain = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            plain.weight.data = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+            if base.bias is not None:
+                plain.bias.data = base.bias.data.float()
+            plain.requires_grad_(False)
+            module.base_layer = plain
+    return ref
+
+
+def test_fused_lora_over_4bit_matches_peft(phi64_dir):
+    ours, loaded = make_qlora_model(phi64_dir)
+    reference = dequantized_copy(ours)
     plan = apply_speed(ours, SpeedConfig(compile="off", varlen_attention=False, fused_cross_entropy=False),
                        device="cpu", dtype=torch.float32)
     assert plan.applied == ["fused_lora"]

@@ -115,6 +115,8 @@ def eval_(
     output: Path | None = typer.Option(None, "--output", help="Report folder (default: MODEL/eval)."),
     no_semantic: bool = typer.Option(False, "--no-semantic", help="Skip the sentence-embedding similarity."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CPUs with bf16 units), bf16, fp16 or fp32."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (1 is faster on a busy CPU)."),
 ) -> None:
     """Answer perplexity and answer metrics; with a comparison model, eval/report.md + report.html side by side."""
     from loratune.errors import LoratuneError
@@ -128,7 +130,7 @@ def eval_(
     ref = model or model_path or ""
     opts = EvalOptions(ref, data=data, split=split, compare=compare, no_compare=no_compare, max_examples=max_examples,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, output=output,
-                       semantic=not no_semantic, device=device)
+                       semantic=not no_semantic, device=device, dtype=dtype, threads=threads)
     summary = run_eval(opts)
     console.print(f"wrote {summary['output']}/ (report.md, report.html, metrics.json, metrics.png, predictions.jsonl)")
 

@@ -8,6 +8,7 @@ prints it as one line and exits non-zero; library tracebacks are shown only with
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class LoratuneError(Exception):
             where += ": "
         key = f"{self.key}: " if self.key else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}{key}{self.message}{hint}"
+        # One line, always: a library message folded into ours may carry newlines (pydantic, safetensors, jinja).
+        return re.sub(r"\s*\n\s*", " ", f"{where}{key}{self.message}{hint}").strip()
 
 
 class TrainingInterrupted(LoratuneError):

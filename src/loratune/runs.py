@@ -80,7 +80,11 @@ def new_run_dir(root: str | Path, name: str, *, overwrite: bool = False) -> Path
     root.mkdir(parents=True, exist_ok=True)
     candidate = root / name
     if candidate.exists() and overwrite:
-        shutil.rmtree(candidate)
+        # --overwrite replaces a run, never whatever else happens to carry the name
+        if candidate.is_dir() and any(candidate.iterdir()) and not (candidate / "config.yaml").is_file():
+            raise LoratuneError("exists and is not a loratune run folder (no config.yaml); refusing to overwrite it",
+                                file=candidate, hint="choose another output.name or output.dir")
+        shutil.rmtree(candidate) if candidate.is_dir() else candidate.unlink()
     n = 2
     while candidate.exists():
         candidate = root / f"{name}-{n}"

@@ -94,7 +94,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
     seed_everything(cfg.training.seed)  # LoRA init independent of how much randomness loading used
     model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
-    speed = apply_speed(model, cfg.speed, device=loaded.device, dtype=loaded.dtype)
+    # Under FSDP the fused LoRA node would read 4-bit weights that FSDP swapped for gathered copies without their
+    # quant_state; the other speed levers go through module forwards and stay on.
+    speed_cfg = cfg.speed.model_copy(update={"fused_lora": False}) if dist.fsdp else cfg.speed
+    speed = apply_speed(model, speed_cfg, device=loaded.device, dtype=loaded.dtype)
     if speed.applied:
         _log(f"speed: {', '.join(speed.applied)}")
     trainable, total = count_parameters(model)

@@ -207,7 +207,7 @@ def _intro(summary: dict[str, Any]) -> list[str]:
     s = summary["settings"]
     models = "; ".join(f"{label}: {ref}" for label, ref in summary["models"].items())
     return [f"Data: {summary['data']} ({summary['examples']} examples). Models: {models}.",
-            f"Greedy decoding, at most {s['max_new_tokens']} new tokens; scores are 0-100 (best reference where "
+            f"Greedy decoding ({s['dtype']} weights), at most {s['max_new_tokens']} new tokens; scores are 0-100 (best reference where "
             f"several are given); perplexity is over answer tokens only, in the run's template. Semantic "
             f"similarity: {s['semantic_similarity']}. Wall time {s['wall_time_s']} s."]
 

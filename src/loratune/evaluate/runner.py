@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loratune.config import Config, DataConfig, load_config
 from loratune.data.conversation import Conversation
-from loratune.errors import LoratuneError
+from loratune.errors import LoratuneError, choose
 from loratune.evaluate.metrics import score_predictions
 from loratune.evaluate.perplexity import AnswerNLL, answer_nll, encode_for_eval
 from loratune.training.progress import console
@@ -37,6 +37,8 @@ class EvalOptions:
     output: Path | None = None
     semantic: bool = True
     device: str = "auto"
+    dtype: str = "auto"  # see eval_dtype
+    threads: int | None = None  # torch CPU threads (default: all cores; 1 is faster on a CPU others are using)
 
 
 @dataclass
@@ -153,10 +155,25 @@ def evaluate_model(im: Any, label: str, ref: str, data: EvalData, opts: EvalOpti
                        seconds={"perplexity": round(t1 - t0, 2), "generate": round(t2 - t1, 2)})
 
 
-def _load(ref: str, device: str) -> Any:
+def eval_dtype(requested: str, device: str) -> str:
+    """`auto` is bf16 on a CPU with native bf16 matrix units (AVX512-BF16 or AMX), else the model default.
+
+    Evaluation only runs forward passes, where bf16 moves perplexity by about 0.1% (measured on SmolLM2: 3.597 fp32
+    vs 3.601 bf16 on 16 GSM8K answers) and runs about 3x faster on such CPUs; training keeps fp32 on CPU.
+    """
+    import torch
+
+    from loratune.models.load import resolve_device
+
+    if requested != "auto" or resolve_device(device) != "cpu":
+        return requested
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "auto"
+
+
+def _load(ref: str, opts: EvalOptions) -> Any:
     from loratune.generate import load_for_inference
 
-    im = load_for_inference(ref, device=device)
+    im = load_for_inference(ref, device=opts.device, dtype=opts.dtype)
     # An unmerged LoRA adds two small matmuls per projection at every decoding step; merging once (exact up to
     # float rounding on an unquantized base) makes greedy decoding measurably faster on CPU.
     if hasattr(im.model, "merge_and_unload") and getattr(im.model.get_base_model(), "hf_quantizer", None) is None:
@@ -179,23 +196,28 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         raise LoratuneError("must be at least 1", key="--batch-size" if opts.batch_size < 1 else "--max-new-tokens")
     if opts.max_examples is not None and opts.max_examples < 1:
         raise LoratuneError("must be at least 1", key="--max-examples")
-    if opts.device not in ("auto", "cpu", "cuda"):
-        raise LoratuneError(f'unknown device "{opts.device}"', key="--device", hint="use auto, cpu or cuda")
+    choose(opts.device, ("auto", "cpu", "cuda"), what="device", key="--device")
+    choose(opts.dtype, ("auto", "bf16", "fp16", "fp32"), what="dtype", key="--dtype")
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
+    opts.dtype = eval_dtype(opts.dtype, opts.device)
     cfg = run_config(opts.model)
     data = eval_data(opts, cfg)
     compare = None if opts.no_compare else (opts.compare or (cfg.model.base if cfg is not None else None))
     console.print(f"evaluating {opts.model} on {len(data.conversations)} examples of {data.description}"
                   + (f", compared with {compare}" if compare else ""))
 
-    im = _load(opts.model, opts.device)
+    im = _load(opts.model, opts)
     label, compare_label = _labels(opts.model, compare) if compare else (Path(opts.model).name or opts.model, "")
     results = [evaluate_model(im, label, opts.model, data, opts)]
     template = im.template
     del im
     gc.collect()
     if compare:
-        other = _load(compare, opts.device)
+        other = _load(compare, opts)
         if opts.compare is None:
             other.template = template  # the run's base, asked in the run's format: only the weights differ
         results.append(evaluate_model(other, compare_label, compare, data, opts))
@@ -208,6 +230,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     out_dir = opts.output or default_output(opts.model)
     summary = write_report(out_dir, data, results, settings={
         "max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size, "decoding": "greedy",
+        "dtype": opts.dtype, "threads": opts.threads,
         "semantic_similarity": semantic_note, "wall_time_s": round(time.perf_counter() - t_start, 1),
     })
     print_summary(summary)

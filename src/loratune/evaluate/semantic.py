@@ -45,6 +45,7 @@ class SentenceEmbedder:
         self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
         self.device = device
         self.batch_size = batch_size
+        self._references: dict[str, torch.Tensor] = {}  # both compared models are scored against the same texts
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -61,8 +62,11 @@ class SentenceEmbedder:
     def similarity(self, predictions: list[str], references: list[list[str]]) -> list[float]:
         """Cosine x 100 between each prediction and its closest reference."""
         flat = [ref for refs in references for ref in refs]
+        missing = list(dict.fromkeys(ref for ref in flat if ref not in self._references))
+        if missing:
+            self._references.update(zip(missing, self.embed(missing)))
         pred_vecs = self.embed(predictions)
-        ref_vecs = self.embed(flat)
+        ref_vecs = torch.stack([self._references[ref] for ref in flat])
         out: list[float] = []
         start = 0
         for i, refs in enumerate(references):

@@ -185,24 +185,31 @@ def quantized_bytes_per_param(bits: int | str, double_quant: bool = True) -> flo
     raise ValueError(bits)
 
 
+# Activations whose MLP nonlinearity is a composite of elementwise ops (each saving its input for backward), as
+# opposed to one fused op (silu, exact gelu, gelu_pytorch_tanh) that saves only its input.
+_COMPOSITE_ACTIVATIONS = {"gelu_new", "gelu_fast", "quick_gelu"}
+
+
 def activation_elements_per_token(hf_config: Any, lora_inputs_per_layer: int) -> int:
     """Elements autograd saves per token in one decoder layer without checkpointing.
 
-    Counted from what the modules save for backward: norm inputs/outputs (4h), q/k/v + attention output + the
-    fused-attention output (5h-ish, kv heads smaller), residual adds, and the MLP: a gated MLP (Llama family) keeps
-    gate, up, act(gate) and their product (4i); a plain MLP (Phi, GPT-2, NeoX) keeps fc1 out and act(fc1) (2i).
-    LoRA adds the (dropped-out) input of every adapted layer.
+    Calibrated by counting the tensors autograd keeps (saved-tensor hooks) on 1- and 2-layer Llama and Phi models
+    of several widths: Llama keeps 8h + 4i per token and layer (with kv heads = heads), Phi 7h + 5i. The attention
+    part is the residual stream and norm outputs (4h), q, k, v (h + 2 kv) and the attention output (h); a gated MLP
+    (Llama family) keeps gate, up, act(gate) and their product (4i); gelu_new (Phi-2, GPT-2) is five elementwise
+    ops (5i); a fused activation keeps fc1's output and its own (2i). LoRA adds the dropped-out input of every
+    adapted layer when dropout is on.
     """
     h = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "n_embd", 0))
     inter = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0) or 4 * h)
     heads = int(getattr(hf_config, "num_attention_heads", 0) or getattr(hf_config, "n_head", 1))
     kv = int(getattr(hf_config, "num_key_value_heads", 0) or heads)
     kv_dim = h * kv // heads
-    gated = getattr(hf_config, "hidden_act", "") in ("silu", "swish") or hasattr(hf_config, "mlp_bias")
-    attention = 4 * h + 2 * kv_dim + 2 * h  # q, out, o_proj input, softmax stats+out; k, v
-    norms = 4 * h
-    mlp = 4 * inter if gated else 2 * inter
-    return attention + norms + mlp + lora_inputs_per_layer
+    act = str(getattr(hf_config, "hidden_act", "") or getattr(hf_config, "activation_function", ""))
+    gated = act in ("silu", "swish") or hasattr(hf_config, "mlp_bias")
+    attention = 6 * h + 2 * kv_dim
+    mlp = 4 * inter if gated else 5 * inter if act in _COMPOSITE_ACTIVATIONS else 2 * inter
+    return attention + mlp + lora_inputs_per_layer
 
 
 @dataclass

@@ -164,6 +164,9 @@ def bnb_config(q: QuantizationConfig, dtype: torch.dtype):
 
 
 def _hub_error(source: str, e: Exception) -> LoratuneError:
+    if "trust_remote_code" in str(e) or "contains custom code" in str(e):  # tokenizer, config or inspect path
+        return LoratuneError(f"{source} needs its own modelling code", key="model.trust_remote_code",
+                             hint="set model.trust_remote_code: true only if you trust that repository")
     text = str(e).splitlines()[0][:240] if str(e) else type(e).__name__
     offline = any(w in text.lower() for w in ("offline", "connection", "resolve", "couldn't connect", "network",
                                               "max retries", "name or service"))

@@ -8,7 +8,7 @@ is one `torch.autograd.Function` with the minimum of kernels:
 
     forward   W = dequant(W4)                 (bitsandbytes' kernel; skipped for a plain weight)
               y = x W^T + b                    one addmm
-              h = dropout(x) A^T               mask, one mm
+              h = dropout(x) A^T               native dropout (boolean mask), one mm
               y += scaling * h B^T             one addmm (in place)
     backward  dx = dy W + scaling * ((dy B) A) * mask
               dA = scaling * (dy B)^T dropout(x),  dB = scaling * dy^T h
@@ -48,14 +48,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         mask = None
         xd = x2
         if dropout_p > 0:
-            # Same distribution as nn.Dropout: keep with probability 1 - p, scale kept values by 1 / (1 - p).
-            mask = torch.empty_like(x2).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
-            xd = x2 * mask
+            # nn.Dropout's own kernel: one launch for the output and a boolean keep-mask (1 byte per value).
+            xd, mask = torch.native_dropout(x2, dropout_p, True)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h = xd @ a.t()
         out.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(weight, xd, h, mask, lora_a, lora_b)
         ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -73,7 +73,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             del w
             lora_dx = g @ a
             if mask is not None:
-                lora_dx.mul_(mask)
+                lora_dx = torch.ops.aten.native_dropout_backward(lora_dx, mask, 1.0 / (1.0 - ctx.dropout_p))
             grad_x.add_(lora_dx)
             grad_x = grad_x.view(ctx.x_shape)
         grad_a = (g.t() @ xd).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
@@ -87,10 +87,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if (self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
             or adapters[0] not in self.lora_A or torch.is_autocast_enabled()):
         return self._loratune_peft_forward(x, *args, **kwargs)
+    base = self.base_layer
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacked this weight for its CPU kernel (after a forward through it): not the layout its
+        # dequantize_4bit reads. Its own path stays correct.
+        return self._loratune_peft_forward(x, *args, **kwargs)
     name = adapters[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    base = self.base_layer
     compute = getattr(base, "compute_dtype", None) or x.dtype
     out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
                                  self.lora_B[name].weight, float(self.scaling[name]), float(p))

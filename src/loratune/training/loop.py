@@ -202,7 +202,8 @@ def fit(
                 window_loss += step_loss
                 window_steps += 1
                 lr = scheduler.get_last_lr()[0]
-                progress.update(step, step_loss, int(step_real), lr)
+                best = f"  best val {state.best_val_loss:.4f} @ {state.best_step}" if state.best_step else ""
+                progress.update(step, step_loss, int(step_real), lr, extra=best)
                 if step % settings.logging_steps == 0 or step == total_steps:
                     metrics.write({"step": step, "loss": round(window_loss / window_steps, 6), "lr": lr,
                                    "tokens_per_s": round(progress.tokens_per_s(), 1), "train_tokens": state.train_tokens,
