@@ -16,6 +16,7 @@ before loading), loratune's estimate for the same settings, median step time, an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -68,20 +69,23 @@ def build_random_phi(path: Path, config: dict, device: str) -> Path:
     return path
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; no psutil needed on the GPU machine)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakRSS:
     """Samples this process's resident memory every few ms (CPU has no allocator statistics like CUDA's)."""
 
     def __init__(self) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.peak = self.process.memory_info().rss
+        self.peak = resident_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, resident_bytes())
             time.sleep(0.002)
 
     def __enter__(self) -> PeakRSS:
@@ -114,6 +118,7 @@ def run_variant(model_dir: str, bits: int | str, args: argparse.Namespace, devic
 
     lora = LoraConfig(r=args.r, alpha=2 * args.r, dropout=0.05)
     cuda = device == "cuda"
+    gc.collect()  # the previous variant's model is gone before this one's baseline
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -127,8 +132,8 @@ def run_variant(model_dir: str, bits: int | str, args: argparse.Namespace, devic
         model = add_lora(loaded.model, lora, quantized=loaded.quantized, gradient_checkpointing=True)
         model.train()  # transformers only checkpoints (and drops out) in training mode
         trainable, total = count_parameters(model)
-        loaded_bytes = torch.cuda.memory_allocated() if cuda else rss.process.memory_info().rss - before
-        rss.peak = rss.process.memory_info().rss  # the load's own transient peak (file pages, copies) is not training
+        loaded_bytes = torch.cuda.memory_allocated() if cuda else resident_bytes() - before
+        rss.peak = resident_bytes()  # the load's own transient peak (file pages, copies) is not training
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         vocab = model.config.vocab_size
         times, losses = [], []

@@ -79,6 +79,27 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny Llama for generation tests: its output head only writes printable ASCII, with logit margins far
+    above float noise. A random head gives near-uniform logits, so greedy choices flip between a batched and a
+    single-prompt run (different matmul shapes), and byte tokens decode to broken UTF-8."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", seed=1)
+    tokenizer = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    printable = [i for i in range(len(tokenizer)) if i >= len(SPECIALS)
+                 and len(text := tokenizer.decode([i])) == 1 and text.isascii() and text.isprintable()]
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        scaled = head[printable] * 8.0
+        head.zero_()
+        head[printable] = scaled
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_phi_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-phi"), "phi")
 

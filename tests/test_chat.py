@@ -16,8 +16,8 @@ from loratune.generate import SamplingSettings, generate_batch, load_for_inferen
 
 
 @pytest.fixture(scope="module")
-def tiny_im(tiny_llama_dir):
-    return load_for_inference(tiny_llama_dir, device="cpu")
+def tiny_im(tiny_chat_dir):
+    return load_for_inference(tiny_chat_dir, device="cpu")
 
 
 def test_chat_keeps_history_and_obeys_commands(tiny_im):
@@ -70,8 +70,8 @@ def test_history_is_trimmed_to_the_context_window(tiny_im):
     assert lonely.turns == []  # a refused message does not stay in the history
 
 
-def test_chat_command_reads_stdin(tiny_llama_dir):
-    result = CliRunner().invoke(app, ["chat", str(tiny_llama_dir), "--device", "cpu", "--max-new-tokens", "4",
+def test_chat_command_reads_stdin(tiny_chat_dir):
+    result = CliRunner().invoke(app, ["chat", str(tiny_chat_dir), "--device", "cpu", "--max-new-tokens", "4",
                                       "--system", "You are a bot."], input="hi\n/reset\nagain\n/exit\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("bot> ") == 2 and "(conversation cleared)" in result.stdout

@@ -102,3 +102,19 @@ def test_rng_of_each_rank_and_wrong_world_size(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     with pytest.raises(LoratuneError, match="resume with the same number of processes"):
         ckpt.load_training_state(folder, opt, sched, rank=2)
+
+
+def test_a_later_best_replaces_the_old_best_when_pruning(tiny_llama_dir, qa_file, tmp_path, monkeypatch):
+    """Best at step 3, then a save at 4, then a new best at 5: step 3 must go (it once stayed behind for good,
+    because the save at 5 spared the *previous* best)."""
+    from loratune.training import loop
+
+    losses = iter([5.0, 4.0, 3.0, 3.5, 2.0])
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *a, **k: (next(losses), 10))
+    cfg = tiny_run_config(tiny_llama_dir, qa_file, tmp_path, max_steps=5, eval_steps=1, save_steps=2,
+                          save_total_limit=2, report_to="none")
+    cfg.data.validation_split = "train[24:32]"
+    result = train(cfg, show_progress=False)
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert kept == ["last", "step-000004", "step-000005"]
+    assert result.summary["best_step"] == 5

@@ -25,8 +25,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_im(tiny_llama_dir):
-    return load_for_inference(tiny_llama_dir, device="cpu")
+def tiny_im(tiny_chat_dir):
+    return load_for_inference(tiny_chat_dir, device="cpu")
 
 
 def test_settings_override_keeps_defaults_and_validate_names_the_option():
@@ -97,11 +97,11 @@ def test_read_prompts_accepts_the_usual_fields_and_names_bad_lines(tmp_path):
         read_prompts(path)
 
 
-def test_generate_command_file_in_file_out(tiny_llama_dir, tiny_im, tmp_path):
+def test_generate_command_file_in_file_out(tiny_chat_dir, tiny_im, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     rows = [{"id": i, "prompt": f"Question number {i}?"} for i in range(5)]
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = runner.invoke(app, ["generate", str(tiny_llama_dir), "--input", str(inp), "--output", str(out),
+    result = runner.invoke(app, ["generate", str(tiny_chat_dir), "--input", str(inp), "--output", str(out),
                                  "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -111,9 +111,9 @@ def test_generate_command_file_in_file_out(tiny_llama_dir, tiny_im, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # atomic write left nothing behind
 
 
-def test_generate_command_single_prompt_and_defaults_from_model_folder(tiny_llama_dir, tmp_path):
+def test_generate_command_single_prompt_and_defaults_from_model_folder(tiny_chat_dir, tmp_path):
     folder = tmp_path / "model"
-    shutil.copytree(tiny_llama_dir, folder)
+    shutil.copytree(tiny_chat_dir, folder)
     (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "do_sample": False}))
     assert load_for_inference(folder, device="cpu").defaults.max_new_tokens == 3
     result = runner.invoke(app, ["generate", str(folder), "Hello?", "--device", "cpu"])
@@ -122,7 +122,7 @@ def test_generate_command_single_prompt_and_defaults_from_model_folder(tiny_llam
     assert result.stdout.strip() == generate_batch(im, [[Message("user", "Hello?")]], SamplingSettings(max_new_tokens=3))[0]
 
 
-def test_generate_command_refuses_prompt_and_input_together(tiny_llama_dir, tmp_path):
-    result = runner.invoke(app, ["generate", str(tiny_llama_dir), "hi", "--input", str(tmp_path / "x.jsonl")])
+def test_generate_command_refuses_prompt_and_input_together(tiny_chat_dir, tmp_path):
+    result = runner.invoke(app, ["generate", str(tiny_chat_dir), "hi", "--input", str(tmp_path / "x.jsonl")])
     assert result.exit_code != 0
     assert isinstance(result.exception, LoratuneError) and "either a prompt" in str(result.exception)

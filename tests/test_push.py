@@ -81,7 +81,7 @@ def test_generate_command_on_a_run_folder_uses_base_plus_adapter(run_dir):
     assert result.stdout.strip() == expected
 
 
-def test_dry_run_merged_loads_with_plain_transformers(run_dir, tmp_path):
+def test_dry_run_merged_loads_with_plain_transformers(run_dir, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loratune.generate import load_for_inference
@@ -93,8 +93,13 @@ def test_dry_run_merged_loads_with_plain_transformers(run_dir, tmp_path):
     merged_logits = _logits(merged, AutoTokenizer.from_pretrained(out))
     ours = load_for_inference(run_dir, device="cpu")
     reference = _logits(ours.model, ours.tokenizer)
-    # bf16 weights: equal to base + adapter within bf16 rounding
-    assert (merged_logits - reference).abs().max() < 0.02 * reference.abs().max()
+    # bf16 weights: equal to base + adapter within bf16 rounding (~3 significant digits per weight, compounded
+    # over the layers: a few percent of the logit scale), and much closer to it than the base without the adapter.
+    merge_error = (merged_logits - reference).abs().max()
+    assert merge_error < 0.05 * reference.abs().max()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    adapter_effect = (_logits(base, AutoTokenizer.from_pretrained(out)) - reference).abs().max()
+    assert merge_error < 0.5 * adapter_effect
     card = (out / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
 

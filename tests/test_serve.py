@@ -24,8 +24,8 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def tiny_im(tiny_llama_dir):
-    return load_for_inference(tiny_llama_dir, device="cpu")
+def tiny_im(tiny_chat_dir):
+    return load_for_inference(tiny_chat_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +188,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command_runs_for_real(tiny_llama_dir):
+def test_serve_command_runs_for_real(tiny_chat_dir):
     port = _free_port()
     env = {**os.environ, "LORATUNE_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "serve", str(tiny_llama_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "serve", str(tiny_chat_dir), "--port", str(port),
                              "--device", "cpu", "--model-name", MODEL], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

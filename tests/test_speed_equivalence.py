@@ -37,7 +37,24 @@ def make_lora_model(model_dir, *, checkpointing: bool = False, dtype: str = "fp3
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()  # from_pretrained returns eval mode; the fused LoRA node only runs in training
     return model, loaded
+
+
+@pytest.fixture()
+def fused_calls(monkeypatch):
+    """Counts calls of the fused LoRA node, so a test cannot pass by silently taking peft's path."""
+    from loratune.speed import lora
+
+    calls = []
+    original = lora._FusedLoraLinear.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(lora._FusedLoraLinear, "apply", counting)
+    return calls
 
 
 def examples(vocab: int, lengths=(17, 5, 31, 12), seed: int = 3) -> list[Example]:
@@ -76,7 +93,7 @@ def our_loss_and_grads(model, exs, pad_id, *, packing=True):
 
 
 @pytest.mark.parametrize("kind", ["tiny_phi_dir", "tiny_llama_dir"])
-def test_speed_path_matches_plain_transformers_peft(kind, request):
+def test_speed_path_matches_plain_transformers_peft(kind, request, fused_calls):
     model_dir = request.getfixturevalue(kind)
     reference, loaded = make_lora_model(model_dir)
     ours = copy.deepcopy(reference)
@@ -89,6 +106,7 @@ def test_speed_path_matches_plain_transformers_peft(kind, request):
     ref_loss, ref_grads = reference_loss_and_grads(reference, exs, pad)
     our_loss, our_grads = our_loss_and_grads(ours, exs, pad)
 
+    assert len(fused_calls) == 2 * len(ours.peft_config["default"].target_modules)  # 2 layers, every target
     assert abs(our_loss - ref_loss) / ref_loss < 1e-3
     assert set(our_grads) == set(ref_grads) and len(ref_grads) > 0
     for name, g in ref_grads.items():
@@ -212,6 +230,7 @@ def make_qlora_model(model_dir, *, dropout: float = 0.0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
     return model, loaded
 
 
@@ -233,7 +252,7 @@ def dequantized_copy(model):
     return ref
 
 
-def test_fused_lora_over_4bit_matches_peft(phi64_dir):
+def test_fused_lora_over_4bit_matches_peft(phi64_dir, fused_calls):
     ours, loaded = make_qlora_model(phi64_dir)
     reference = dequantized_copy(ours)
     plan = apply_speed(ours, SpeedConfig(compile="off", varlen_attention=False, fused_cross_entropy=False),
@@ -245,6 +264,7 @@ def test_fused_lora_over_4bit_matches_peft(phi64_dir):
     pad = loaded.tokenizer.pad_token_id
     ref_loss, ref_grads = reference_loss_and_grads(reference, exs, pad)
     our_loss, our_grads = our_loss_and_grads(ours, exs, pad)
+    assert len(fused_calls) == 12  # every 4-bit projection went through the fused node
     assert abs(our_loss - ref_loss) / ref_loss < 1e-4
     for name, g in ref_grads.items():
         assert g.abs().sum() > 0 and rel(our_grads[name], g) < 1e-3, name
@@ -272,3 +292,39 @@ def test_fused_lora_dropout_is_inverted_dropout_with_a_shared_mask():
     frac_kept = float((y != 0).float().mean())
     assert abs(frac_kept - 0.75) < 0.01
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("loratune.speed.attention", fromlist=["x"]).SUPPORTED_TYPES))
+def test_every_supported_architecture_keeps_examples_apart(model_type):
+    """Packed logits through the varlen attention equal per-example logits, for every architecture it is enabled on
+    (each must hand position_ids to its attention function, or examples would attend across boundaries)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loratune.speed import attention
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, head_dim=8, pad_token_id=0, sliding_window=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert attention.enable(model)
+    lengths = [7, 3, 11]
+    ids = [torch.randint(0, 64, (n,)) for n in lengths]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(ids)[None],
+                       position_ids=torch.cat([torch.arange(n) for n in lengths])[None]).logits[0]
+        alone = torch.cat([model(input_ids=x[None]).logits[0] for x in ids])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_models_keep_transformers_attention():
+    """A per-example causal split would drop a sliding window: such models are left on their own attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loratune.speed import attention
+
+    config = AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                  sliding_window=16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert not attention.enable(model) and model.config._attn_implementation == "sdpa"

@@ -16,7 +16,7 @@ load_s = time.time() - t0
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
         target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]))
 pad = sys.argv[1] if len(sys.argv) > 1 else "max"
-MAXLEN, BS, STEPS = 512, 4, 12
+MAXLEN, BS, STEPS = 512, 4, int(os.environ.get("CPU_BENCH_STEPS", 12))  # loratune bench: fewer steps on a shared CPU
 rnd = random.Random(0); lens = [rnd.randint(64, MAXLEN) for _ in range(BS*STEPS*2)]
 class DS(torch.utils.data.Dataset):
     def __len__(self): return len(lens)
@@ -36,5 +36,6 @@ class CB(TrainerCallback):
 args = TrainingArguments(output_dir="/tmp/cpuout", per_device_train_batch_size=BS, max_steps=STEPS, learning_rate=2e-4,
         save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, remove_unused_columns=False, logging_steps=1000)
 Trainer(model=model, args=args, train_dataset=DS(), data_collator=collate, callbacks=[CB()]).train()
-w = 2; t = sum(times[w:]); real = sum(lens[:BS*STEPS]) / (BS*STEPS) * BS * (STEPS - w)
+w = int(os.environ.get("CPU_BENCH_WARMUP", 2))  # loratune bench: env override
+t = sum(times[w:]); real = sum(lens[:BS*STEPS]) / (BS*STEPS) * BS * (STEPS - w)
 print("RESULT", json.dumps(dict(pad=pad, load_s=round(load_s,1), step_s=round(t/(STEPS-w),2), real_tokens_per_s=round(real/t), threads=torch.get_num_threads())))

@@ -162,7 +162,7 @@ def inspect_(
                            bits=int(bits) if bits.isdigit() else "none", dtype=dtype,
                            trust_remote_code=trust_remote_code)
     for line in format_report(report):
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # tree lines stay one line each
 
 
 @app.command()

@@ -230,7 +230,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig, *, for_training: boo
                                   attn_implementation=attn, use_safetensors=None if cfg.allow_pickle else True)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, **kwargs)
     except (OSError, ValueError) as e:

@@ -84,7 +84,9 @@ class _FusedLoraLinear(torch.autograd.Function):
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Replacement forward for a peft LoRA linear with one plain adapter; anything else takes peft's own path."""
     adapters = self.active_adapters
-    if (self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
+    # Evaluation and generation keep peft's path: bitsandbytes has 4-bit inference kernels (gemv for one token)
+    # that beat dequantize + matmul there, and no backward is needed.
+    if (not self.training or self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
             or adapters[0] not in self.lora_A or torch.is_autocast_enabled()):
         return self._loratune_peft_forward(x, *args, **kwargs)
     base = self.base_layer
@@ -94,7 +96,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return self._loratune_peft_forward(x, *args, **kwargs)
     name = adapters[0]
     dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
     compute = getattr(base, "compute_dtype", None) or x.dtype
     out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
                                  self.lora_B[name].weight, float(self.scaling[name]), float(p))

@@ -158,7 +158,7 @@ def fit(
     t_start = time.perf_counter() - state.wall_time_s
     window_loss, window_steps = 0.0, 0
 
-    def save(step: int) -> Path:
+    def save(step: int, *, new_best: bool = False) -> Path:
         nonlocal last_ckpt
         state.wall_time_s = time.perf_counter() - t_start
         folder = checkpoints / f"step-{step:06d}"
@@ -167,7 +167,9 @@ def fit(
         optimizer_state = dist.optimizer_state_dict(model, optimizer)
         if dist.is_main:
             ckpt.save_checkpoint(folder, model, optimizer_state, scheduler, state, rng_states, adapter_state)
-            ckpt.prune(checkpoints, settings.save_total_limit, protect=best_ckpt)
+            # A checkpoint that is the new best replaces the old best as the one pruning must spare; sparing the
+            # old one here would leave it behind for good.
+            ckpt.prune(checkpoints, settings.save_total_limit, protect=folder if new_best else best_ckpt)
         dist.barrier()  # no rank runs ahead of (or reads) a checkpoint rank 0 is still writing
         last_ckpt = folder
         return folder
@@ -227,7 +229,7 @@ def fit(
                         state.evals_without_improvement += 1
                 want_save = (settings.save_steps and step % settings.save_steps == 0) or improved
                 if want_save:
-                    path = save(step)
+                    path = save(step, new_best=improved)
                     if improved:
                         best_ckpt = path
                 if settings.patience and state.evals_without_improvement >= settings.patience:
