@@ -6,12 +6,16 @@ every token labelled. The recipe pads every example to 1024; Unsloth runs its re
 its own recipe code (models.load.load_model with the 4-bit config, models.lora.add_lora, speed.apply_speed,
 training.loss.loss_sum, training.optim) on packed, padding-free micro-batches.
 
-    python3 bench/gpu_bench.py --arch phi2                      # recipe, Unsloth, ours, ablations; table last
-    python3 bench/gpu_bench.py --only ours --arch phi2 --set speed.compile=off
+    python3 bench/gpu_bench.py --arch phi2 --variants ours      # recipe, Unsloth, ours (~5 min); table last
+    python3 bench/gpu_bench.py --arch phi2 --steps 12 --warmup 4 --baselines "" --variants ours-no-compile,...
+    python3 bench/gpu_bench.py --only ours --arch phi2 --set speed.compile=off --profile 2   # torch.profiler tables
     python3 bench/gpu_bench.py --only probe                     # what the device's torch/transformers offer
 
+Needs on the device: bitsandbytes (+ pydantic, rich) on PYTHONPATH, `bench/baselines` on PYTHONPATH, and for
+Unsloth its wheels installed into a separate folder named by $UNSLOTH_SITE (see BENCHMARKS.md for the commands).
 Each variant runs in its own process (Unsloth patches transformers at import; peak memory stays per variant).
-Results go to $OUT/results.jsonl (one JSON per variant) and a table is printed last.
+Results go to $OUT/results.jsonl (one JSON per variant) and a table is printed last. All variants together take
+longer than one 10-minute device call: split them as above.
 """
 
 from __future__ import annotations
