@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--only", choices=["ours"], default=None)
     p.add_argument("--set", action="append", default=[], help="config override for ours, e.g. data.packing=false")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", default="recipe_pad512,ours,recipe_dynamic",
+                   help="comma list: recipe_pad512, ours, recipe_dynamic, ours-cpu-bf16")
     p.add_argument("--out", default=str(HERE / "cpu_results.jsonl"))
     a = p.parse_args()
     if a.only == "ours":
@@ -116,8 +118,10 @@ def main() -> None:
     me, recipe = str(Path(__file__).resolve()), str(HERE / "baselines" / "seed_recipe_cpu.py")
     rows = []
     for r in range(a.rounds):
-        for name, args in (("recipe_pad512", [recipe, "max"]), ("ours", [me, "--only", "ours"]),
-                           ("recipe_dynamic", [recipe, "dyn"])):
+        variants = {"recipe_pad512": [recipe, "max"], "ours": [me, "--only", "ours"], "recipe_dynamic": [recipe, "dyn"],
+                    "ours-cpu-bf16": [me, "--only", "ours", "--set", "speed.cpu_bf16=true"]}
+        for name in a.variants.split(","):
+            args = variants[name]
             res = child(args)
             if res is None:
                 continue

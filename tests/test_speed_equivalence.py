@@ -328,3 +328,22 @@ def test_sliding_window_models_keep_transformers_attention():
                                   sliding_window=16)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     assert not attention.enable(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_cpu_bf16_is_opt_in_and_close_to_fp32(tiny_llama_dir, fused_calls):
+    """speed.cpu_bf16 runs the forward under CPU bf16 autocast (peft's LoRA path, which handles autocast); off by
+    default. Its loss stays within bf16 rounding of the fp32 loss."""
+    assert SpeedConfig().cpu_bf16 is False
+    model, loaded = make_lora_model(tiny_llama_dir)
+    reference = copy.deepcopy(model)
+    plan = apply_speed(model, SpeedConfig(compile="off", cpu_bf16=True), device="cpu", dtype=torch.float32)
+    assert "cpu_bf16" in plan.applied and plan.autocast_dtype == torch.bfloat16
+    apply_speed(reference, CPU_LEVERS, device="cpu", dtype=torch.float32)
+    exs = examples(model.config.vocab_size)
+    pad = loaded.tokenizer.pad_token_id
+    ref_loss, _ = our_loss_and_grads(reference, exs, pad)
+    n_fp32 = len(fused_calls)
+    bf16_loss, bf16_grads = our_loss_and_grads(model, exs, pad)
+    assert len(fused_calls) == n_fp32  # under autocast the fused node steps aside
+    assert abs(bf16_loss - ref_loss) / ref_loss < 2e-2 and bf16_loss != ref_loss
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in bf16_grads.values())

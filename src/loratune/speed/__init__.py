@@ -57,6 +57,9 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
     if cfg.autocast and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         plan.autocast_dtype = dtype
         plan.applied.append("autocast")
+    if cfg.cpu_bf16 and device_type == "cpu":
+        plan.autocast_dtype = torch.bfloat16
+        plan.applied.append("cpu_bf16")
     if cfg.fused_lora:
         from loratune.speed.lora import fuse_lora_linears
 

@@ -87,7 +87,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     # Evaluation and generation keep peft's path: bitsandbytes has 4-bit inference kernels (gemv for one token)
     # that beat dequantize + matmul there, and no backward is needed.
     if (not self.training or self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
-            or adapters[0] not in self.lora_A or torch.is_autocast_enabled()):
+            or adapters[0] not in self.lora_A or torch.is_autocast_enabled(x.device.type)):
         return self._loratune_peft_forward(x, *args, **kwargs)
     base = self.base_layer
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):

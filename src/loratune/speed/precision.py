@@ -33,7 +33,8 @@ def frozen_to_compute_dtype(model: Any, dtype: torch.dtype) -> int:
 
 
 def autocast_context(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; nothing elsewhere (CPU autocast is slower than fp32 on most CPUs)."""
-    if dtype is None or device_type != "cuda" or dtype == torch.float32:
+    """Autocast to `dtype` on `device_type`; nothing for fp32/None. (`apply_speed` decides where it pays: CUDA when
+    asked, the CPU only with `speed.cpu_bf16`, since bf16 is slower than fp32 on CPUs without bf16 instructions.)"""
+    if dtype is None or dtype == torch.float32:
         return nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device_type, dtype=dtype)
