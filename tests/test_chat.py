@@ -12,7 +12,7 @@ from loratune.chat import ChatSession, run_chat
 from loratune.cli import app
 from loratune.data.conversation import Message
 from loratune.errors import LoratuneError
-from loratune.generate import SamplingSettings, generate_batch, load_for_inference
+from loratune.generate import SamplingSettings, load_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +20,34 @@ def tiny_im(tiny_chat_dir):
     return load_for_inference(tiny_chat_dir, device="cpu")
 
 
-def test_chat_keeps_history_and_obeys_commands(tiny_im):
+def test_chat_keeps_history_and_obeys_commands(tiny_im, monkeypatch):
+    import loratune.chat as chat_module
+
+    sent: list[list[Message]] = []  # what the chat asked the model, call by call
+    real_stream = chat_module.stream_answer
+
+    def spy(im, messages, settings):
+        sent.append(list(messages))
+        yield from real_stream(im, messages, settings)
+
+    monkeypatch.setattr(chat_module, "stream_answer", spy)
     session = ChatSession(tiny_im, SamplingSettings(max_new_tokens=5))
     out = io.StringIO()
     typed = "Hello there\nHow are you?\n/system Be terse.\nAnd now?\n/reset\n/bogus\n/exit\nnever read\n"
     answered = run_chat(session, stdin=io.StringIO(typed), stdout=out)
     text = out.getvalue()
-    assert answered == 3
+    assert answered == 3 and text.count("bot> ") == 3
     assert "(system prompt set; conversation cleared)" in text and "(conversation cleared)" in text
-    assert "(unknown command /bogus;" in text
+    assert "(unknown command /bogus;" in text and "never read" not in text
     assert session.turns == [] and session.system == "Be terse."  # /reset kept the system prompt
-    # The second answer was generated with the first exchange in the prompt: the same answer comes back from
-    # generate_batch given that history, so the chat really sent it.
-    first = generate_batch(tiny_im, [[Message("user", "Hello there")]], SamplingSettings(max_new_tokens=5))[0]
-    second = generate_batch(tiny_im, [[Message("user", "Hello there"), Message("assistant", first),
-                                       Message("user", "How are you?")]], SamplingSettings(max_new_tokens=5))[0]
-    third = generate_batch(tiny_im, [[Message("system", "Be terse."), Message("user", "And now?")]],
-                           SamplingSettings(max_new_tokens=5))[0]
-    assert all(answer for answer in (first, second, third))
-    positions = [text.index(f"bot> {answer}") for answer in (first, second, third)]
-    assert positions == sorted(positions) and text.count("bot> ") == 3
+    # The second question went to the model with the first exchange (and the answer the chat streamed for it);
+    # /system cleared the history and put the system prompt first.
+    first_answer = sent[1][1]
+    assert [m.role for m in sent[0]] == ["user"] and sent[0][0].content == "Hello there"
+    assert [(m.role, m.content) for m in sent[1]] == [("user", "Hello there"), ("assistant", first_answer.content),
+                                                     ("user", "How are you?")]
+    assert first_answer.content and f"bot> {first_answer.content}" in text
+    assert [(m.role, m.content) for m in sent[2]] == [("system", "Be terse."), ("user", "And now?")]
 
 
 @pytest.mark.slow
