@@ -44,6 +44,12 @@ ABLATIONS = {
     "ours-no-compile-fp32-frozen": ["speed.compile=off", "speed.compute_dtype_frozen=false"],
     "ours-no-compile-autocast": ["speed.compile=off", "speed.autocast=true"],
     "ours-no-compile-padded": ["speed.compile=off", "data.packing=false"],
+    # CUDA graphs (regional compile in mode reduce-overhead) over packed rows padded to a few bucketed lengths.
+    "ours-cg-b256": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=256"],
+    "ours-cg-b512": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=512"],
+    "ours-cg-b512-no-ckpt": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=512",
+                             "model.gradient_checkpointing=false"],
+    "ours-b256": ["speed.bucket_tokens=256"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
                      "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
 }
@@ -82,7 +88,7 @@ def run_ours(a: argparse.Namespace) -> None:
     from loratune.data.tokenize import Example
     from loratune.models.load import load_model
     from loratune.models.lora import add_lora, count_parameters
-    from loratune.speed import apply_speed
+    from loratune.speed import apply_speed, pad_to_bucket
     from loratune.train import seed_everything
     from loratune.training.loss import loss_sum
     from loratune.training.optim import build_optimizer, build_scheduler
@@ -150,7 +156,9 @@ def run_ours(a: argparse.Namespace) -> None:
         times.append(dt)
         losses.append(float(loss))
         real.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
-        processed.append(batch["input_ids"].numel())
+        # speed.bucket_tokens pads the packed row inside loss_sum: count the tokens actually computed.
+        processed.append(pad_to_bucket(batch, plan.bucket_tokens)["input_ids"].numel() if plan.bucket_tokens
+                         else batch["input_ids"].numel())
     w = a.warmup
     t = sum(times[w:])
     real_tps = sum(real[w:]) / t
@@ -212,7 +220,10 @@ def child(args: list[str], timeout: int, extra_path: str | None = None) -> None:
         env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
     try:
         proc = subprocess.run([sys.executable, *args], timeout=timeout, env=env, capture_output=True, text=True)
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        # faulthandler's list of extension modules after a crash would push its stack out of the tail
+        out = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines()
+                         if not line.startswith("Extension modules"))
+        tail = out[-3000:]
         if proc.returncode != 0:
             print(f"--- {' '.join(args)} failed (rc {proc.returncode}):\n{tail}", flush=True)
         else:

@@ -29,9 +29,12 @@ def tiny_im(tiny_chat_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_im):
+def server(tiny_chat_dir):
+    # The server gets its own model instance: the tests compare it with local generation on `tiny_im` from the
+    # main thread, and two threads sharing one tokenizer (whose padding side generate_batch sets) would race.
     limits = Limits(max_body_bytes=64 * 1024, max_prompt_tokens=480, max_tokens=400)
-    app = build(tiny_im, model_name=MODEL, api_key=KEY, limits=limits, max_batch=8, max_wait_ms=100)
+    served = load_for_inference(tiny_chat_dir, device="cpu")
+    app = build(served, model_name=MODEL, api_key=KEY, limits=limits, max_batch=8, max_wait_ms=100)
     with BackgroundServer(app) as srv:
         yield srv
 

@@ -181,6 +181,14 @@ class SpeedConfig(Section):
                            "an EPYC; loss +1% after 6 steps vs fp32, so off by default).")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile each decoder layer (regional); auto = on for CUDA, off on the CPU.")
+    compile_mode: Literal["default", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode of the regional compile; reduce-overhead captures CUDA graphs "
+                               "(one per packed length: pair it with bucket_tokens). Experimental: it crashed (SIGSEGV) on "
+                               "Phi-2 QLoRA, H100, torch 2.11 + bitsandbytes 0.50 (bench/NOTES.md).")
+    bucket_tokens: int | None = Field(
+        None, gt=0, description="Pad each packed row at its end to a multiple of this many tokens with an ignored "
+                                "segment of its own (labels ignored, positions restarting at 0): a few shapes for "
+                                "CUDA graphs; null = no padding.")
 
     @field_validator("compile", mode="before")
     @classmethod

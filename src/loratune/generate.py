@@ -190,23 +190,20 @@ def generate_batch(im: InferenceModel, conversations: list[list[Message]], setti
     stop_ids = im.template.stop_token_ids(tokenizer)
     stop_strings = im.template.stop_strings(tokenizer)
     answers: list[str] = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # batched generation needs prompts aligned at the right edge
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(im.device)
-            limit = im.context_length - settings.max_new_tokens
-            if enc["input_ids"].shape[1] > limit:
-                raise LoratuneError(f"prompt is {enc['input_ids'].shape[1]} tokens; with max_new_tokens "
-                                    f"{settings.max_new_tokens} it exceeds the context of {im.context_length}",
-                                    key="prompt", hint="shorten the prompt or lower max_new_tokens")
-            out = im.model.generate(**enc, **settings.generate_kwargs(), eos_token_id=stop_ids,
-                                    pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:]:
-                answers.append(clean_answer(tokenizer.decode(row, skip_special_tokens=False), tokenizer, stop_strings))
-    finally:
-        tokenizer.padding_side = old_side
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        # Left padding, per call: prompts aligned at the right edge for batched generation, and the shared
+        # tokenizer is never mutated (another thread may be using it).
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(im.device)
+        limit = im.context_length - settings.max_new_tokens
+        if enc["input_ids"].shape[1] > limit:
+            raise LoratuneError(f"prompt is {enc['input_ids'].shape[1]} tokens; with max_new_tokens "
+                                f"{settings.max_new_tokens} it exceeds the context of {im.context_length}",
+                                key="prompt", hint="shorten the prompt or lower max_new_tokens")
+        out = im.model.generate(**enc, **settings.generate_kwargs(), eos_token_id=stop_ids,
+                                pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            answers.append(clean_answer(tokenizer.decode(row, skip_special_tokens=False), tokenizer, stop_strings))
     return answers
 
 

@@ -34,6 +34,8 @@ class SpeedPlan:
     autocast_dtype: torch.dtype | None = None
     fused_cross_entropy: bool = False
     ce_chunk_tokens: int = 1024
+    bucket_tokens: int | None = None  # pad packed rows to a multiple of this (an ignored segment at the end)
+    cuda_graphs: bool = False  # layers compiled with mode="reduce-overhead"
     applied: list[str] = field(default_factory=list)
 
     def autocast(self) -> AbstractContextManager:
@@ -48,7 +50,7 @@ def plan_of(model: Any) -> SpeedPlan | None:
 def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype) -> SpeedPlan:
     """Apply the switched-on levers to a peft-wrapped model in place; returns (and attaches) the plan."""
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    plan = SpeedPlan(device_type=device_type, ce_chunk_tokens=cfg.ce_chunk_tokens)
+    plan = SpeedPlan(device_type=device_type, ce_chunk_tokens=cfg.ce_chunk_tokens, bucket_tokens=cfg.bucket_tokens)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.varlen_attention and attention.enable(inner):
         plan.applied.append("varlen_attention")
@@ -71,10 +73,37 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
     if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
         from loratune.speed.compile import compile_layers
 
-        if compile_layers(model):
-            plan.applied.append("compile")
+        if compile_layers(model, cfg.compile_mode):
+            plan.applied.append("compile" if cfg.compile_mode == "default" else f"compile_{cfg.compile_mode}")
+            plan.cuda_graphs = cfg.compile_mode == "reduce-overhead"
+    if cfg.bucket_tokens:
+        plan.applied.append(f"bucket_{cfg.bucket_tokens}")
     model.__dict__[PLAN_ATTR] = plan
     return plan
 
 
-__all__ = ["SpeedPlan", "apply_speed", "plan_of"]
+def pad_to_bucket(batch: dict[str, torch.Tensor], bucket: int) -> dict[str, torch.Tensor]:
+    """Pad a packed row [1, T] at its end to a multiple of `bucket` tokens with an ignored segment of its own.
+
+    The pad segment's position ids restart at 0, so the packed-row attention (and transformers' block-diagonal
+    mask) treats it as one more example, which real tokens never attend to; its labels are ignored, and the last
+    real token's target (the first pad label) is ignored too, as it is at the end of an unpadded row. Padded
+    batches (with an attention mask) and rows already at a multiple are returned unchanged.
+    """
+    ids = batch["input_ids"]
+    if "attention_mask" in batch or "position_ids" not in batch or ids.shape[0] != 1:
+        return batch
+    pad = -ids.shape[1] % bucket
+    if pad == 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = torch.cat([ids, ids.new_zeros((1, pad))], dim=1)
+    pos = batch["position_ids"]
+    out["position_ids"] = torch.cat([pos, torch.arange(pad, dtype=pos.dtype, device=pos.device)[None]], dim=1)
+    if "labels" in batch:
+        lab = batch["labels"]
+        out["labels"] = torch.cat([lab, lab.new_full((1, pad), -100)], dim=1)
+    return out
+
+
+__all__ = ["SpeedPlan", "apply_speed", "pad_to_bucket", "plan_of"]

@@ -22,8 +22,9 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def compile_layers(model: Any) -> int:
-    """Compile every decoder layer in place; returns how many were compiled."""
+def compile_layers(model: Any, mode: str = "default") -> int:
+    """Compile every decoder layer in place; returns how many were compiled. `mode="reduce-overhead"` replays
+    each compiled region as a CUDA graph (recorded once per distinct shape: bucket the packed lengths)."""
     from transformers import AttentionInterface
 
     # The model's attention function runs eagerly inside the compiled layers (one graph break per layer): flash
@@ -36,5 +37,5 @@ def compile_layers(model: Any) -> int:
         AttentionInterface.register(name, torch.compiler.disable(fn))
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=None if mode == "default" else mode)
     return len(layers)

@@ -65,15 +65,20 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -
     A model prepared by `loratune.speed.apply_speed` carries a plan: the forward then runs under its autocast,
     and the head + cross-entropy use the fused pass when the plan asks for it and the head is frozen.
     """
-    from loratune.speed import plan_of
+    from loratune.speed import pad_to_bucket, plan_of
     from loratune.speed.cross_entropy import head_is_frozen, linear_cross_entropy_sum
 
+    plan = plan_of(model)
+    if plan and plan.bucket_tokens:
+        batch = pad_to_bucket(batch, plan.bucket_tokens)
+    if plan and plan.cuda_graphs and model.training:
+        # A new step for the CUDA-graph trees: the previous step's graph outputs may be overwritten from here on.
+        torch.compiler.cudagraph_mark_step_begin()
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n = int(keep.sum())
-    plan = plan_of(model)
     with plan.autocast() if plan else nullcontext():
         if fast and fast_path_supported(model):
             lm = _inner_causal_lm(model)
