@@ -62,12 +62,17 @@ def tiny_config(kind: str, vocab_size: int):
     return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False)
 
 
-def save_tiny_model(path: Path, kind: str = "llama", seed: int = 0, pad_is_eos: bool = False) -> Path:
+def save_tiny_model(path: Path, kind: str = "llama", seed: int = 0, pad_is_eos: bool = False,
+                    edit=None) -> Path:
+    """Build, optionally edit in memory (`edit(model, tokenizer)`), then save once. Never re-save over a file the
+    model was loaded from: loaded safetensors may still be memory-mapped and would be read half-rewritten."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer(pad_is_eos)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    if edit is not None:
+        edit(model, tokenizer)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
@@ -83,20 +88,17 @@ def tiny_chat_dir(tmp_path_factory) -> Path:
     """A tiny Llama for generation tests: its output head only writes printable ASCII, with logit margins far
     above float noise. A random head gives near-uniform logits, so greedy choices flip between a batched and a
     single-prompt run (different matmul shapes), and byte tokens decode to broken UTF-8."""
-    from transformers import AutoModelForCausalLM
 
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", seed=1)
-    tokenizer = build_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(path)
-    printable = [i for i in range(len(tokenizer)) if i >= len(SPECIALS)
-                 and len(text := tokenizer.decode([i])) == 1 and text.isascii() and text.isprintable()]
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        scaled = head[printable] * 8.0
-        head.zero_()
-        head[printable] = scaled
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    def printable_head(model, tokenizer) -> None:
+        printable = [i for i in range(len(tokenizer)) if i >= len(SPECIALS)
+                     and len(text := tokenizer.decode([i])) == 1 and text.isascii() and text.isprintable()]
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            scaled = head[printable] * 8.0
+            head.zero_()
+            head[printable] = scaled
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", seed=1, edit=printable_head)
 
 
 @pytest.fixture(scope="session")
