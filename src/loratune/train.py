@@ -9,7 +9,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from loratune.data.batching import total_steps as count_steps
 from loratune.data.prepare import PreparedData, prepare
 from loratune.data.templates import Template, resolve_template
 from loratune.data.tokenize import preflight
-from loratune.errors import LoratuneError
 from loratune.models.inspect import training_estimate
 from loratune.models.load import LoadedModel, context_length, load_model, resolve_device
 from loratune.models.lora import add_lora, count_parameters
@@ -258,8 +257,4 @@ def _summary_table(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def state_dict_summary(state: ckpt.TrainerState) -> dict[str, Any]:
-    return asdict(state)
-
-
-__all__ = ["train", "TrainResult", "LoratuneError"]
+__all__ = ["train", "TrainResult"]
