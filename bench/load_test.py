@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_process import start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO / "data" / "gsm8k" / "train.head400.jsonl"
@@ -100,26 +100,10 @@ async def run_load(args: argparse.Namespace) -> tuple[list[dict], float]:
 
 
 def start_server(args: argparse.Namespace) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args.url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "loratune.cli", "serve", args.base, "--port", str(port), "--model-name", args.model,
-           "--max-batch", str(args.max_batch), "--max-queue", str(max(64, 2 * args.clients)), "--device", "cpu",
-           "--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(args.url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start within 300 s")
+    proc, args.url = start_serve(args.base, [
+        "--model-name", args.model, "--max-batch", str(args.max_batch), "--max-queue", str(max(64, 2 * args.clients)),
+        "--device", "cpu", "--threads", str(args.threads)])
+    return proc
 
 
 def report(results: list[dict], wall: float, args: argparse.Namespace, health: dict) -> dict:

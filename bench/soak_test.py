@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from serve_process import start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = REPO / "data" / "gsm8k" / "train.head400.jsonl"
@@ -135,27 +135,12 @@ async def run_soak(args, pid: int) -> tuple[list[dict], list[tuple[float, float]
 
 
 def start_server(args) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args.url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "loratune.cli", "serve", args.base, "--port", str(port), "--model-name", args.model,
-           "--api-key", KEY, "--max-batch", str(args.max_batch), "--max-queue", str(max(64, 2 * args.clients)),
-           "--max-prompt-tokens", "1024", "--device", "cpu"]
     # One torch thread: on a shared 2-core machine OpenMP threads spinning against each other slow every op.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(args.url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start within 300 s")
+    proc, args.url = start_serve(args.base, [
+        "--model-name", args.model, "--api-key", KEY, "--max-batch", str(args.max_batch),
+        "--max-queue", str(max(64, 2 * args.clients)), "--max-prompt-tokens", "1024", "--device", "cpu"],
+        env={"OMP_NUM_THREADS": str(args.threads)})
+    return proc
 
 
 def summarize(results: list[dict], samples: list[tuple[float, float]], wall: float, args) -> dict:
