@@ -103,6 +103,15 @@ def run_ours(a: argparse.Namespace) -> None:
     seed_everything(cfg.training.seed)
     model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if a.no_dropout:  # every dropout module (LoRA's and the model's own) off: a bisection aid
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    for item in a.functorch:  # torch._functorch.config overrides, e.g. graphsafe_rng_functionalization=0
+        key, value = item.split("=")
+        import torch._functorch.config as functorch_config
+
+        setattr(functorch_config, key, bool(int(value)))
     plan = apply_speed(model, cfg.speed, device=loaded.device, dtype=loaded.dtype)
     trainable, _ = count_parameters(model)
     optimizer = build_optimizer(model, cfg.training, loaded.device)
@@ -163,9 +172,13 @@ def run_ours(a: argparse.Namespace) -> None:
     t = sum(times[w:])
     real_tps = sum(real[w:]) / t
     proc_tps = sum(processed[w:]) / t
+    from torch._dynamo.utils import counters
+
     from loratune.speed.attention import PATH_COUNTS
 
-    record(dict(
+    compiled = dict(graph_breaks=sum(counters["graph_break"].values()),
+                    unique_graphs=counters["stats"].get("unique_graphs", 0))
+    record(dict(compiled=compiled,
         attention_paths=dict(PATH_COUNTS), variant=a.name, arch=a.arch, overrides=a.set, speed_applied=plan.applied, step_s=round(t / (a.steps - w), 4),
         tokens_per_s_real=round(real_tps), tokens_per_s_processed=round(proc_tps),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
@@ -266,6 +279,8 @@ def main() -> None:
     p.add_argument("--maxlen", type=int, default=1024)
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
     p.add_argument("--no-probe", action="store_true", help="skip the environment probe and the matmul ceiling")
+    p.add_argument("--no-dropout", action="store_true", help="with --only ours: set every dropout to 0")
+    p.add_argument("--functorch", action="append", default=[], help="with --only ours: torch._functorch.config k=0/1")
     p.add_argument("--profile", type=int, default=0, help="with --only ours: profile this many steps after warm-up")
     a = p.parse_args()
     if a.only == "ours":

@@ -51,10 +51,10 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-def tiny_config(kind: str, vocab_size: int):
+def tiny_config(kind: str, vocab_size: int, hidden: int = 32):
     from transformers import LlamaConfig, PhiConfig
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2, pad_token_id=3, bos_token_id=1, eos_token_id=2)
     if kind == "phi":
         return PhiConfig(**common, num_key_value_heads=4, partial_rotary_factor=0.5, resid_pdrop=0.0,
@@ -63,14 +63,14 @@ def tiny_config(kind: str, vocab_size: int):
 
 
 def save_tiny_model(path: Path, kind: str = "llama", seed: int = 0, pad_is_eos: bool = False,
-                    edit=None) -> Path:
+                    edit=None, hidden: int = 32) -> Path:
     """Build, optionally edit in memory (`edit(model, tokenizer)`), then save once. Never re-save over a file the
     model was loaded from: loaded safetensors may still be memory-mapped and would be read half-rewritten."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer(pad_is_eos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer), hidden))
     if edit is not None:
         edit(model, tokenizer)
     model.save_pretrained(path, safe_serialization=True)

@@ -27,6 +27,16 @@ ALL_OFF = SpeedConfig(varlen_attention=False, compute_dtype_frozen=False, autoca
                       fused_cross_entropy=False, compile="off")
 
 
+def nonzero_lora_b(model) -> None:
+    """LoRA B matrices non-zero (so A gets gradients and comparisons have teeth), then training mode."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+
+
 def make_lora_model(model_dir, *, checkpointing: bool = False, dtype: str = "fp32"):
     loaded = load_model(ModelConfig(base=str(model_dir), device="cpu", dtype=dtype), QuantizationConfig())
     torch.manual_seed(0)
@@ -225,12 +235,7 @@ def make_qlora_model(model_dir, *, dropout: float = 0.0):
     torch.manual_seed(0)
     model = add_lora(loaded.model, LoraConfig(r=4, alpha=8, dropout=dropout), quantized=True,
                      gradient_checkpointing=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.train()
+    nonzero_lora_b(model)
     return model, loaded
 
 

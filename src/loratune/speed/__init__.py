@@ -4,7 +4,9 @@
 - precision.py      frozen weights back in the compute dtype; LoRA matmuls under autocast over fp32 masters
 - lora.py           each LoRA projection (4-bit or plain base) as one fused autograd node
 - cross_entropy.py  output head + cross-entropy per chunk with the gradient in the same pass (no full logits)
-- compile.py        torch.compile of each decoder layer (regional)
+- compile.py        torch.compile of each decoder layer (regional), recomputation inside the compiled region
+- nf4.py            NF4 dequantization as torch ops (traceable, fused by Inductor)
+- dropout.py        counter-based dropout inside compiled layers (recomputed exactly without RNG state)
 
 Every lever is exact (tests/test_speed_equivalence.py compares with plain transformers + peft) and has a switch in
 the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to the model, where
@@ -36,6 +38,7 @@ class SpeedPlan:
     ce_chunk_tokens: int = 1024
     bucket_tokens: int | None = None  # pad packed rows to a multiple of this (an ignored segment at the end)
     cuda_graphs: bool = False  # layers compiled with mode="reduce-overhead"
+    dropout_seed: torch.Tensor | None = None  # speed.dropout's shared seed, refilled at every micro-batch
     applied: list[str] = field(default_factory=list)
 
     def autocast(self) -> AbstractContextManager:
@@ -71,8 +74,10 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
         plan.fused_cross_entropy = True
         plan.applied.append("fused_cross_entropy")
     if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
-        from loratune.speed.compile import compile_layers
+        from loratune.speed import dropout
+        from loratune.speed.compile import compile_layers, decoder_layers
 
+        plan.dropout_seed = dropout.install(decoder_layers(model), device)
         if compile_layers(model, cfg.compile_mode):
             plan.applied.append("compile" if cfg.compile_mode == "default" else f"compile_{cfg.compile_mode}")
             plan.cuda_graphs = cfg.compile_mode == "reduce-overhead"

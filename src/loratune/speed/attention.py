@@ -75,7 +75,12 @@ _VARLEN = _varlen_kernel()
 _VARLEN_PARAMS = set(inspect.signature(_VARLEN).parameters) if _VARLEN is not None else set()
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float | None) -> torch.Tensor:
+def flash_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    return _VARLEN is not None and query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                  scale: float | None) -> torch.Tensor:
     """q/k/v [1, H, T, D] -> [T, H, D] through one flash varlen call (torch's own; its API moved between
     versions: `is_causal=` until 2.12, a (left, right) window after)."""
     q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
@@ -89,7 +94,7 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segmen
         kwargs["window_size"] = (-1, 0)
     if k3.shape[1] != q3.shape[1]:
         kwargs["enable_gqa"] = True
-    return _VARLEN(q3, k3, v3, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, **kwargs)
+    return _VARLEN(q3, k3, v3, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
 
 
 # Per-segment SDPA never uses cuDNN attention: it builds a new execution plan for every new sequence length
@@ -130,14 +135,33 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         PATH_COUNTS["transformers_sdpa"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    seg = segments_from_positions(position_ids)
     if not module.training:
         dropout = 0.0
-    if _VARLEN is not None and query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
+    flash = flash_varlen_usable(query, dropout)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if flash and cu_seqlens is not None and torch.compiler.is_compiling():
+        # Compiled layers get the boundaries from the caller (`segment_kwargs`): finding them here is a host sync
+        # that would split the graph. The row length is the bound on each example's length: an exact int would
+        # be one more value for the compiled code to guard on, and the kernel only sizes its grid with it.
+        return _flash_varlen(query, key, value, cu_seqlens, query.shape[2], scaling).unsqueeze(0), None
+    seg = segments_from_positions(position_ids)
+    if flash:
         PATH_COUNTS["flash_varlen"] += 1
-        return _flash_varlen(query, key, value, seg, scaling).unsqueeze(0), None
+        return _flash_varlen(query, key, value, seg.cu_seqlens, seg.max_len, scaling).unsqueeze(0), None
     PATH_COUNTS[f"sdpa_per_segment_{str(query.dtype).removeprefix('torch.')}"] += 1
     return _sdpa_per_segment(query, key, value, seg, scaling, dropout), None
+
+
+def segment_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Example boundaries of a packed row as transformers' flash keyword arguments (they reach every attention
+    call through the model's **kwargs); empty for anything that is not a packed row."""
+    pos = batch.get("position_ids")
+    if pos is None or "attention_mask" in batch or pos.shape[0] != 1:
+        return {}
+    seg = segments_from_positions(pos)
+    PATH_COUNTS["segment_kwargs"] += 1  # per forward pass; the compiled attention itself cannot count its calls
+    return {"cu_seq_lens_q": seg.cu_seqlens, "cu_seq_lens_k": seg.cu_seqlens, "max_length_q": seg.max_len,
+            "max_length_k": seg.max_len}
 
 
 def varlen_mask(*, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, q_offset: Any = 0,

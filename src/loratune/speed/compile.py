@@ -1,17 +1,26 @@
 """Regional compilation: torch.compile each decoder layer, not the whole model.
 
-All layers of a model share one compiled graph (torch inlines nn.Modules and treats their weights as inputs), so
-the compile cost is paid once, and the graph fuses what eager mode runs as separate kernels: LoRA dropout, scaling
-and add, bias + activation, residual adds, rotary embedding, norms. Attention is left to its own kernels
-(`torch.compiler.disable`), which also keeps the per-example split of packed rows out of the graph; shapes are
-marked dynamic so that every packed length does not trigger a recompilation.
+All layers of a model share one compiled graph (torch inlines nn.Modules and treats their weights and buffers as
+inputs), so the compile cost is paid once, and the graph fuses what eager mode runs as separate kernels: NF4
+dequantization, LoRA dropout, scaling and add, bias + activation, residual adds, rotary embedding, norms. With the
+packed-row attention (speed.attention) and the traced LoRA path (speed.lora, speed.nf4) a layer is one forward and
+one backward graph with no break; shapes are dynamic, so every packed length reuses it.
+
+Activation recomputation moves inside the compiled region: transformers checkpoints around the layer call, so the
+compiled forward ran twice per step (forward, then again in backward) and computed the activations it saves both
+times. Here the layer's own `forward` is `checkpoint(forward)` and is traced as such: the forward graph keeps only
+the layer's inputs, the backward graph recomputes what it needs and fuses that work with the gradient kernels, and
+dropout inside is replayed exactly (AOTAutograd stashes the RNG state of recomputed random ops).
 """
 
 from __future__ import annotations
 
+import types
+from functools import partial
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -22,20 +31,53 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def compile_layers(model: Any, mode: str = "default") -> int:
+def _recompute_everything(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+# Every op of the layer is recomputed, none saved. Without this policy the partitioner chose to keep the
+# counter-based dropout's outputs (bf16, one per dropout site and layer): 7.3 GiB peak instead of 3.4 on Phi-2.
+_RECOMPUTE_ALL = partial(create_selective_checkpoint_contexts, _recompute_everything)
+
+
+def _recomputed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's forward under activation checkpointing when training (traced by torch.compile as one region)."""
+    forward = type(self).forward  # with `gradient_checkpointing` off, transformers' wrapper is a plain call
+    if self.training and torch.is_grad_enabled():
+        kwargs = {**kwargs, "use_cache": False, "past_key_values": None}
+        return checkpoint(partial(forward, self, **kwargs), *args, use_reentrant=False, context_fn=_RECOMPUTE_ALL)
+    return forward(self, *args, **kwargs)
+
+
+def recompute_inside(layers: list[torch.nn.Module]) -> bool:
+    """Take transformers' per-layer checkpointing over into the layer's forward; False if it was off."""
+    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        return False
+    for layer in layers:
+        layer.gradient_checkpointing = False
+        layer.forward = types.MethodType(_recomputed_forward, layer)
+    return True
+
+
+def compile_layers(model: Any, mode: str = "default", backend: str = "inductor") -> int:
     """Compile every decoder layer in place; returns how many were compiled. `mode="reduce-overhead"` replays
     each compiled region as a CUDA graph (recorded once per distinct shape: bucket the packed lengths)."""
     from transformers import AttentionInterface
 
-    # The model's attention function runs eagerly inside the compiled layers (one graph break per layer): flash
-    # kernels are fused already, and the per-example split of a packed row would otherwise be traced into guards
-    # on the example lengths. Re-registering the disabled function changes nothing outside compiled code.
+    from loratune.speed import attention
+
+    # The packed-row attention (speed.attention) is traced into the layer's graph: it reads the example
+    # boundaries from the keyword arguments the loss passes (`segment_kwargs`), so the graph has no host sync and
+    # one graph serves every packed length. Any other attention function runs eagerly between two graphs (one
+    # break per layer): tracing transformers' mask handling would guard on the lengths. Re-registering the disabled
+    # function changes nothing outside compiled code.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = getattr(inner.config, "_attn_implementation", None)
     fn = AttentionInterface._global_mapping.get(name) if name else None
-    if fn is not None and not getattr(fn, "_torchdynamo_disable", False):
+    if fn is not None and name != attention.NAME and not getattr(fn, "_torchdynamo_disable", False):
         AttentionInterface.register(name, torch.compiler.disable(fn))
     layers = decoder_layers(model)
+    recompute_inside(layers)
     for layer in layers:
-        layer.compile(dynamic=True, mode=None if mode == "default" else mode)
+        layer.compile(dynamic=True, backend=backend, mode=None if mode == "default" else mode)
     return len(layers)

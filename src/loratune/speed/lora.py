@@ -16,6 +16,11 @@ is one `torch.autograd.Function` with the minimum of kernels:
 LoRA matmuls run in the compute dtype against fp32 master weights (cast per call; the cast of an r x d matrix
 is tiny), and A/B gradients are returned in fp32. The dequantized weight is never kept: backward dequantizes
 again, as bitsandbytes does. The maths is peft's; `tests/test_speed_equivalence.py` compares gradients.
+
+Inside `torch.compile` (speed.compile) the same maths is written as plain torch ops instead (`_traced_lora`): the
+4-bit weight is dequantized by `speed.nf4` (bitsandbytes' ctypes call would split the compiled layer), and
+AOTAutograd derives the backward, so the whole decoder layer is one forward and one backward graph whose
+elementwise work (dequantization, dropout, scaling, the LoRA add) Inductor fuses.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from loratune.speed import nf4
+from loratune.speed.dropout import SALT, SEED, hashed_dropout
 
 
 def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -81,6 +89,20 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def _traced_lora(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float, dropout_p: float,
+                 seed_salt: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The fused node's forward as traceable ops (for compiled code; autograd derives the backward). With
+    `seed_salt` the input dropout is speed.dropout's counter-based one (recomputed exactly, nothing stored)."""
+    dtype = x.dtype
+    out = F.linear(x, w, None if bias is None else bias.to(dtype))
+    if dropout_p > 0 and seed_salt is not None:
+        xd = hashed_dropout(x, dropout_p, *seed_salt)
+    else:
+        xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return out + F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
+
+
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Replacement forward for a peft LoRA linear with one plain adapter; anything else takes peft's own path."""
     adapters = self.active_adapters
@@ -98,6 +120,13 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
     compute = getattr(base, "compute_dtype", None) or x.dtype
+    if torch.compiler.is_compiling():
+        if nf4.attached(base) or getattr(base.weight, "quant_state", None) is None:
+            w = nf4.dequantize(base, compute) if nf4.attached(base) else base.weight.to(compute)
+            seed_salt = (getattr(self, SEED), getattr(self, SALT)) if hasattr(self, SEED) else None
+            out = _traced_lora(x.to(compute), w, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                               float(self.scaling[name]), float(p), seed_salt)
+            return out.to(x.dtype)
     out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
                                  self.lora_B[name].weight, float(self.scaling[name]), float(p))
     return out.to(x.dtype)
@@ -123,6 +152,7 @@ def fuse_lora_linears(model: Any) -> int:
     for module in model.modules():
         if _eligible(module) and not hasattr(module, "_loratune_peft_forward"):
             module._loratune_peft_forward = module.forward
+            nf4.attach(module.base_layer, module.base_layer.weight)  # what compiled code reads (speed.nf4)
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count

@@ -66,11 +66,16 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -
     and the head + cross-entropy use the fused pass when the plan asks for it and the head is frozen.
     """
     from loratune.speed import pad_to_bucket, plan_of
+    from loratune.speed.attention import segment_kwargs
     from loratune.speed.cross_entropy import head_is_frozen, linear_cross_entropy_sum
 
     plan = plan_of(model)
     if plan and plan.bucket_tokens:
         batch = pad_to_bucket(batch, plan.bucket_tokens)
+    if plan and plan.dropout_seed is not None and model.training:
+        from loratune.speed.dropout import next_seed
+
+        next_seed(plan.dropout_seed)  # new dropout masks for this micro-batch (the same in its recomputation)
     if plan and plan.cuda_graphs and model.training:
         # A new step for the CUDA-graph trees: the previous step's graph outputs may be overwritten from here on.
         torch.compiler.cudagraph_mark_step_begin()
@@ -82,6 +87,8 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -
     with plan.autocast() if plan else nullcontext():
         if fast and fast_path_supported(model):
             lm = _inner_causal_lm(model)
+            if plan and "varlen_attention" in plan.applied:
+                inputs.update(segment_kwargs(inputs))  # boundaries found once, outside any compiled layer
             hidden = lm.model(**inputs, use_cache=False).last_hidden_state
             selected = hidden[:, :-1][keep]
             head = lm.get_output_embeddings()
