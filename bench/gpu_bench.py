@@ -50,6 +50,8 @@ ABLATIONS = {
     "ours-cg-b512-no-ckpt": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=512",
                              "model.gradient_checkpointing=false"],
     "ours-b256": ["speed.bucket_tokens=256"],
+    "ours-ce256": ["speed.ce_chunk_tokens=256"],
+    "ours-nodrop": ["lora.dropout=0"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
                      "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
 }

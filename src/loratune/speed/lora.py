@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from loratune.speed import nf4
-from loratune.speed.dropout import SALT, SEED, hashed_dropout
+from loratune.speed.dropout import RATES, SALT, SEED, hashed_dropout
 
 
 def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,13 +91,14 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 def _traced_lora(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, dropout_p: float,
-                 seed_salt: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 hashed: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fused node's forward as traceable ops (for compiled code; autograd derives the backward). With
-    `seed_salt` the input dropout is speed.dropout's counter-based one (recomputed exactly, nothing stored)."""
+    `hashed` = (drop ppm, seed, salt) the input dropout is speed.dropout's counter-based one (recomputed exactly,
+    nothing stored)."""
     dtype = x.dtype
     out = F.linear(x, w, None if bias is None else bias.to(dtype))
-    if dropout_p > 0 and seed_salt is not None:
-        xd = hashed_dropout(x, dropout_p, *seed_salt)
+    if hashed is not None:
+        xd = hashed_dropout(x, *hashed) if hashed[0] else x
     else:
         xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     return out + F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
@@ -123,9 +124,10 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if torch.compiler.is_compiling():
         if nf4.attached(base) or getattr(base.weight, "quant_state", None) is None:
             w = nf4.dequantize(base, compute) if nf4.attached(base) else base.weight.to(compute)
-            seed_salt = (getattr(self, SEED), getattr(self, SALT)) if hasattr(self, SEED) else None
+            rates = self.__dict__.get(RATES)
+            hashed = (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
             out = _traced_lora(x.to(compute), w, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                               float(self.scaling[name]), float(p), seed_salt)
+                               float(self.scaling[name]), float(p), hashed)
             return out.to(x.dtype)
     out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
                                  self.lora_B[name].weight, float(self.scaling[name]), float(p))
