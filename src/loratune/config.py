@@ -177,14 +177,17 @@ class SpeedConfig(Section):
                           "logits never exist (-1 GiB on Phi-2 at batch 4 x 1024; off = checkpointed chunks).")
     ce_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the fused head + cross-entropy.")
     cpu_bf16: bool = Field(
-        False, description="On the CPU, run the forward under bf16 autocast (fast on CPUs with AVX512-BF16/AMX: 1.5x on "
-                           "an EPYC; loss +1% after 6 steps vs fp32, so off by default).")
+        False, description="On the CPU, run the forward under bf16 autocast (fast on CPUs with AVX512-BF16/AMX: 1.34x "
+                           "fp32 on a 2-core EPYC, 2.16x the CPU recipe; loss +0.4% after 12 steps vs fp32, so off "
+                           "by default).")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile each decoder layer (regional); auto = on for CUDA, off on the CPU.")
+        "auto", description="torch.compile each decoder layer (regional) into one forward and one backward graph, "
+                            "recomputation and counter-based dropout inside; auto = on for CUDA, off on the CPU. "
+                            "The first step pays the compilation (~85 s for Phi-2 on an H100).")
     compile_mode: Literal["default", "reduce-overhead"] = Field(
         "default", description="torch.compile mode of the regional compile; reduce-overhead captures CUDA graphs "
-                               "(one per packed length: pair it with bucket_tokens). Experimental: it crashed (SIGSEGV) on "
-                               "Phi-2 QLoRA, H100, torch 2.11 + bitsandbytes 0.50 (bench/NOTES.md).")
+                               "(one per packed length: pair it with bucket_tokens). Experimental: it crashed (SIGSEGV in "
+                               "backward) on Phi-2 QLoRA, H100, torch 2.11 (bench/NOTES.md).")
     bucket_tokens: int | None = Field(
         None, gt=0, description="Pad each packed row at its end to a multiple of this many tokens with an ignored "
                                 "segment of its own (labels ignored, positions restarting at 0): a few shapes for "
