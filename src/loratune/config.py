@@ -182,7 +182,8 @@ class SpeedConfig(Section):
                            "by default).")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile each decoder layer (regional) into one forward and one backward graph, "
-                            "recomputation and counter-based dropout inside; auto = on for CUDA, off on the CPU. "
+                            "recomputation and counter-based dropout inside; auto = on for CUDA, off on the CPU "
+                            "(there the per-example attention is not traceable, so `on` leaves the layers eager). "
                             "The first step pays the compilation (~85 s for Phi-2 on an H100).")
     compile_mode: Literal["default", "reduce-overhead"] = Field(
         "default", description="torch.compile mode of the regional compile; reduce-overhead captures CUDA graphs "
