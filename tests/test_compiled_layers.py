@@ -22,7 +22,7 @@ from loratune.speed import apply_speed, attention, dropout, nf4, plan_of
 from loratune.speed.compile import compile_layers, decoder_layers
 from loratune.training.loss import loss_sum
 from tests.conftest import save_tiny_model
-from tests.test_speed_equivalence import examples, lora_grads, nonzero_lora_b, rel
+from tests.test_speed_equivalence import examples, lora_grads, nonzero_lora_b, reference_loss_and_grads, rel
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -91,14 +91,15 @@ def test_nf4_dequantize_rows_shorter_than_a_block():
     assert float(theirs.max()) > 0.5  # the CPU kernel's wrong scales: if this fails, bitsandbytes fixed it
 
 
-def _qlora(model_dir, kind, dropout=0.0, checkpointing=True):
+def _qlora(model_dir, kind, dropout=0.0, checkpointing=True, speed=True):
     loaded = load_model(ModelConfig(base=str(model_dir), device="cpu", dtype="fp32"),
                         QuantizationConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="fp32"))
     torch.manual_seed(0)
     model = add_lora(loaded.model, LoraConfig(r=4, alpha=8, dropout=dropout), quantized=True,
                      gradient_checkpointing=checkpointing)
     nonzero_lora_b(model)
-    apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+    if speed:
+        apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
     return model, loaded
 
 
@@ -108,7 +109,9 @@ def test_compiled_layers_one_graph_same_gradients(kind, tmp_path, flash_on_cpu, 
 
     # Widths that are multiples of the 64-value quantization block: bitsandbytes' CPU dequantization kernel
     # assumes rows made of whole blocks (it reads the wrong scales otherwise), while the torch-op one is exact.
-    eager, loaded = _qlora(save_tiny_model(tmp_path, kind, hidden=64), kind)
+    model_dir = save_tiny_model(tmp_path, kind, hidden=64)
+    eager, loaded = _qlora(model_dir, kind)
+    plain, _ = _qlora(model_dir, kind, speed=False)  # plain transformers + peft over the same 4-bit base
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
@@ -128,6 +131,12 @@ def test_compiled_layers_one_graph_same_gradients(kind, tmp_path, flash_on_cpu, 
         assert abs(loss - ref_loss) / ref_loss < 1e-5
         for name, g in ref_grads.items():
             assert g.abs().sum() > 0 and rel(grads[name], g) < 1e-4, (name, rel(grads[name], g))
+        # ... and the issue's check against plain transformers + peft (padded batch, its own loss): rel < 1e-3.
+        peft_loss, peft_grads = reference_loss_and_grads(plain, examples(vocab, lengths=lengths), pad)
+        assert abs(loss - peft_loss) / peft_loss < 1e-3
+        assert set(peft_grads) == set(grads)
+        for name, g in peft_grads.items():
+            assert rel(grads[name], g) < 1e-3, (name, rel(grads[name], g))
     assert not counters["graph_break"], dict(counters["graph_break"])
     # One frame compiled for all layers and both lengths (forward; the checkpointed recomputation reuses it).
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
