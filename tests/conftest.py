@@ -114,8 +114,12 @@ QA_ROWS = [
 
 @pytest.fixture()
 def qa_file(tmp_path) -> Path:
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    return write_jsonl(tmp_path / "qa.jsonl")
+
+
+def write_jsonl(path: Path, rows: list[dict] = QA_ROWS) -> Path:
+    """`rows` (default: the QA_ROWS arithmetic questions) as a JSONL file, one object per line; returns its path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import QA_ROWS, REPO, save_tiny_model
+from tests.conftest import QA_ROWS, REPO, save_tiny_model, write_jsonl
 
 DOCS = REPO / "docs" / "errors.md"
 
@@ -49,9 +49,7 @@ class Env:
         return self.root / "runs"
 
     def data(self, rows: list[dict] | None = None, name: str = "qa.jsonl") -> Path:
-        path = self.root / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in (QA_ROWS if rows is None else rows)))
-        return path
+        return write_jsonl(self.root / name, QA_ROWS if rows is None else rows)
 
     def config(self, *, name: str = "c.yaml", **sections: dict) -> Path:
         """A small valid run config on the tiny model, with `sections` merged over it."""

@@ -17,11 +17,10 @@ from tests.conftest import tiny_run_config
 
 @pytest.fixture(scope="module")
 def run(tiny_llama_dir, tmp_path_factory):
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("ckpt")
-    data = tmp / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp / "qa.jsonl")
     # evaluated every step, saved every 2, the last 2 kept: the best may be any step, and must survive pruning
     cfg = tiny_run_config(tiny_llama_dir, data, tmp / "runs", max_steps=5, learning_rate=0.1, scheduler="constant",
                           eval_steps=1, save_steps=2, save_total_limit=2, report_to="none")

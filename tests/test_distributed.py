@@ -21,11 +21,10 @@ from tests.test_resume import adapter_weights, max_abs_diff, resumable_config, s
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, tmp_path_factory):
     """One process and two processes on the same config (global batch 4 x accumulate 2, validation every 3)."""
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("dist")
-    data = tmp / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp / "qa.jsonl")
 
     def config(name: str):
         cfg = resumable_config(tiny_llama_dir, data, tmp / "runs", name, max_steps=6, save_steps=3, eval_steps=3)

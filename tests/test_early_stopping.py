@@ -14,11 +14,10 @@ from tests.test_resume import adapter_weights, max_abs_diff
 
 @pytest.fixture(scope="module")
 def stopped(tiny_llama_dir, tmp_path_factory):
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("early")
-    data = tmp / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp / "qa.jsonl")
     # A learning rate far too high: validation loss improves for a few steps, then climbs, and patience triggers.
     cfg = tiny_run_config(tiny_llama_dir, data, tmp / "runs", max_steps=60, learning_rate=0.1, scheduler="constant",
                           eval_steps=1, patience=3, save_total_limit=1, report_to="none", batch_size=4)

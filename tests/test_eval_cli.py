@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from loratune.cli import app
 from loratune.errors import LoratuneError
 from loratune.evaluate.semantic import model_dir
-from tests.conftest import QA_ROWS, tiny_run_config
+from tests.conftest import QA_ROWS, tiny_run_config, write_jsonl
 
 runner = CliRunner()
 
@@ -24,8 +24,7 @@ def trained_run(tmp_path_factory, tiny_llama_dir):
     from loratune.train import train
 
     root = tmp_path_factory.mktemp("eval-cli")
-    data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(root / "qa.jsonl")
     cfg = tiny_run_config(tiny_llama_dir, data, root, max_steps=8, eval_steps=4, eval_generate_every=8)
     cfg.data.split, cfg.data.validation_split = "train[:24]", "train[24:32]"
     return train(cfg, show_progress=False).run_dir
@@ -56,11 +55,11 @@ def test_eval_run_folder_against_its_base(trained_run, tiny_llama_dir, tmp_path)
 
 
 def test_seed_form_with_lists_of_acceptable_answers(tiny_llama_dir, tmp_path):
-    data = tmp_path / "eval.jsonl"  # WebGLM's evaluation layout: several acceptable answers per question
+    # WebGLM's evaluation layout: several acceptable answers per question
     rows = [{"question": "the era of the great mughals began with the accession of", "answer": ["Akbar", "Babur"]},
             {"question": "when did houston go to the american league", "answer": ["2013"]},
             {"question": "who wrote hamlet", "answer": ["Shakespeare", "William Shakespeare"]}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
     out = tmp_path / "report"
     args = ["eval", "--model_path", str(tiny_llama_dir), "--data_path", str(data), "--max-examples", "2",
             "--max-new-tokens", "3", "--output", str(out)] + ([] if model_dir() else ["--no-semantic"])

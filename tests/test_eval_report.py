@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loratune.evaluate.report import changed_examples, relative_change
-from tests.conftest import QA_ROWS, tiny_run_config
+from tests.conftest import QA_ROWS, tiny_run_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def adapter_run(tmp_path_factory, tiny_llama_dir):
     from loratune.data.templates import resolve_template
 
     root = tmp_path_factory.mktemp("eval-run")
-    data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(root / "qa.jsonl")
     cfg = tiny_run_config(tiny_llama_dir, data, root)
     cfg.data.split, cfg.data.validation_split = "train[:24]", "train[24:32]"
     run = root / "tiny-run"

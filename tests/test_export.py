@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from typer.testing import CliRunner
 
 from loratune.errors import LoratuneError
 from loratune.models.export import export_gguf, permute_qk, tokenizer_metadata
-from tests.conftest import QA_ROWS, build_tokenizer, tiny_run_config
+from tests.conftest import build_tokenizer, tiny_run_config, write_jsonl
 
 PROMPTS = ["What is 3 plus 4?", "Hello there", "2+2="]
 
@@ -22,8 +20,7 @@ def merged_run(tmp_path_factory, tiny_llama_dir):
     from loratune.models.merge import merge_run
     from loratune.train import train
 
-    data = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl")
     cfg = tiny_run_config(tiny_llama_dir, data, tmp_path_factory.mktemp("runs"), max_steps=4, learning_rate=3e-2)
     run = train(cfg, show_progress=False).run_dir
     return run, merge_run(run, tmp_path_factory.mktemp("merged") / "m", dtype="fp32")

@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import QA_ROWS, REPO
+from tests.conftest import REPO, write_jsonl
 
 STEPS = 24
 KILLS = 5
@@ -114,8 +114,7 @@ def setup(tiny_llama_dir, tmp_path_factory):
     from loratune.train import train
 
     root = tmp_path_factory.mktemp("fault")
-    data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(root / "qa.jsonl")
     result = train(validate(run_config(tiny_llama_dir, data, root / "runs", "reference")), show_progress=False)
     return root, data, adapter(result.run_dir / "adapter")
 

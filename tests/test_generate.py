@@ -20,6 +20,7 @@ from loratune.generate import (
     read_prompts,
     stream_answer,
 )
+from tests.conftest import write_jsonl
 
 runner = CliRunner()
 
@@ -100,7 +101,7 @@ def test_read_prompts_accepts_the_usual_fields_and_names_bad_lines(tmp_path):
 def test_generate_command_file_in_file_out(tiny_chat_dir, tiny_im, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     rows = [{"id": i, "prompt": f"Question number {i}?"} for i in range(5)]
-    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(inp, rows)
     result = runner.invoke(app, ["generate", str(tiny_chat_dir), "--input", str(inp), "--output", str(out),
                                  "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output

@@ -19,10 +19,9 @@ IDS = torch.tensor([[5, 80, 81, 82, 40, 41, 42, 43, 90, 91, 92, 2], [7, 60, 61, 
 
 def _train(tmp_path_factory, model_dir, bits, learning_rate=3e-2):
     from loratune.train import train
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
-    data = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl")
     cfg = tiny_run_config(model_dir, data, tmp_path_factory.mktemp("runs"), max_steps=6, learning_rate=learning_rate)
     cfg.quantization.bits = bits
     return train(cfg, show_progress=False).run_dir

@@ -12,7 +12,7 @@ from loratune.data.sources import load_conversations
 from loratune.data.templates import TEMPLATES
 from loratune.data.tokenize import IGNORE, encode
 from loratune.errors import LoratuneError
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, write_jsonl
 
 FLAT = SHARED / "oasst1" / "oasst1_validation_en.shared.jsonl"
 NESTED = SHARED / "oasst1" / "oasst_export_trees_en_100.jsonl"
@@ -27,10 +27,6 @@ def msg(mid, parent, role, text, rank=None, **extra):
     return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": "en", "rank": rank,
             "deleted": False, "synthetic": False, "message_tree_id": "t", **extra}
 
-
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_flat_best_path_multi_turn_follows_rank_zero_and_drops_unanswered_last_question(tiny_tokenizer):
@@ -73,7 +69,7 @@ def test_rank_zero_reply_wins_even_when_listed_last_and_deleted_best_falls_back(
             msg("a0", "q", "assistant", "best", rank=0), msg("q2", "a0", "prompter", "more?"),
             msg("b0", "q2", "assistant", "deleted best", rank=0, deleted=True),
             msg("b1", "q2", "assistant", "next best", rank=1)]
-    convs = oasst1_conversations(write_rows(tmp_path / "t.jsonl", rows), Oasst1Options())
+    convs = oasst1_conversations(write_jsonl(tmp_path / "t.jsonl", rows), Oasst1Options())
     assert [m.content for m in convs[0].messages] == ["Q?", "best", "more?", "next best"]
     single = oasst1_conversations(tmp_path / "t.jsonl", Oasst1Options(multi_turn=False))
     assert [m.content for m in single[0].messages] == ["Q?", "best"]
@@ -83,7 +79,7 @@ def test_pairs_mode_gives_every_pair_with_history_as_untrained_context(tmp_path,
     rows = [msg("q", None, "prompter", "Q?"), msg("a0", "q", "assistant", "A0", rank=0),
             msg("a1", "q", "assistant", "A1", rank=1), msg("q2", "a0", "prompter", "Q2?"),
             msg("b0", "q2", "assistant", "B0", rank=0)]
-    convs = oasst1_conversations(write_rows(tmp_path / "t.jsonl", rows), Oasst1Options(mode="pairs"))
+    convs = oasst1_conversations(write_jsonl(tmp_path / "t.jsonl", rows), Oasst1Options(mode="pairs"))
     assert [[m.content for m in c.messages] for c in convs] == [["Q?", "A0"], ["Q?", "A0", "Q2?", "B0"], ["Q?", "A1"]]
     ex = encode(convs[1], TEMPLATES["chatml"], tiny_tokenizer)
     assert trained_text(ex, tiny_tokenizer) == "B0<|im_end|>"  # A0 is context here, trained in its own pair
@@ -132,7 +128,7 @@ def test_nested_export_is_detected_and_synthetic_filter_applies():
 def test_lang_filter_drops_other_languages_and_none_keeps_all(tmp_path):
     rows = [msg("q", None, "prompter", "Q?"), msg("a", "q", "assistant", "A", rank=0),
             msg("q2", None, "prompter", "Frage?", lang="de"), msg("a2", "q2", "assistant", "Antwort", rank=0, lang="de")]
-    path = write_rows(tmp_path / "t.jsonl", rows)
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
     assert [c.messages[0].content for c in oasst1_conversations(path, Oasst1Options())] == ["Q?"]
     assert len(oasst1_conversations(path, Oasst1Options(lang=None))) == 2
     assert [c.messages[0].content for c in oasst1_conversations(path, Oasst1Options(lang=["de"]))] == ["Frage?"]
@@ -140,7 +136,7 @@ def test_lang_filter_drops_other_languages_and_none_keeps_all(tmp_path):
 
 def test_cycle_is_one_line_error_naming_line_and_message(tmp_path):
     rows = [msg("q", None, "prompter", "Q?"), msg("x", "y", "prompter", "x"), msg("y", "x", "assistant", "y")]
-    path = write_rows(tmp_path / "t.jsonl", rows)
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(LoratuneError) as e:
         oasst1_conversations(path, Oasst1Options())
     assert str(e.value).startswith(f"{path}:2: parent_id: message x is its own ancestor")
@@ -150,10 +146,10 @@ def test_cycle_is_one_line_error_naming_line_and_message(tmp_path):
 def test_missing_field_and_duplicate_id_name_the_line(tmp_path):
     rows = [msg("q", None, "prompter", "Q?"), {"message_id": "a", "parent_id": "q", "role": "assistant"}]
     with pytest.raises(LoratuneError, match=r't\.jsonl:2: text: OASST1 message has no "text"'):
-        oasst1_conversations(write_rows(tmp_path / "t.jsonl", rows), Oasst1Options())
+        oasst1_conversations(write_jsonl(tmp_path / "t.jsonl", rows), Oasst1Options())
     rows = [msg("q", None, "prompter", "Q?"), msg("q", None, "prompter", "again")]
     with pytest.raises(LoratuneError, match=r"d\.jsonl:2: message_id: message q appears twice"):
-        oasst1_conversations(write_rows(tmp_path / "d.jsonl", rows), Oasst1Options())
+        oasst1_conversations(write_jsonl(tmp_path / "d.jsonl", rows), Oasst1Options())
 
 
 def test_auto_source_routes_oasst1_rows_and_the_in_repo_slice(tmp_path):

@@ -17,7 +17,7 @@ from loratune.data.prepare import prepare
 from loratune.data.templates import TEMPLATES
 from loratune.data.tokenize import NO_ANSWER_AFTER_TRUNCATION, auto_max_length, encode, length_stats, preflight
 from loratune.errors import LoratuneError
-from tests.conftest import SHARED
+from tests.conftest import SHARED, write_jsonl
 
 OASST1 = SHARED / "oasst1" / "oasst1_validation_en.shared.jsonl"
 
@@ -44,9 +44,8 @@ def test_length_stats_and_auto_max_length_numbers():
 
 def test_max_length_auto_is_the_p99_rounded_up(tmp_path, tiny_tokenizer):
     """100 ordinary rows and one outlier: the p99 ignores the outlier, which is then truncated (and reported)."""
-    path = tmp_path / "qa.jsonl"
     rows = [{"question": "q", "answer": "x" * (k + 1)} for k in range(100)] + [{"question": "q", "answer": "y" * 900}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
     data = run(DataConfig(path=str(path), max_length="auto"), tiny_tokenizer)
     lengths = sorted(len(encode(c, TEMPLATES["chatml"], tiny_tokenizer).input_ids) for c in data.train_conversations)
     assert lengths[-2] == 121 and lengths[-1] == 921  # byte tokenizer: 21 template tokens + the answer
@@ -67,9 +66,8 @@ def test_example_with_no_answer_tokens_fails_loudly_naming_the_row(tmp_path, tin
 
 
 def test_truncation_that_removes_the_answer_is_reported_not_fatal(tmp_path, tiny_tokenizer):
-    path = tmp_path / "qa.jsonl"
     rows = [{"question": "short?", "answer": "yes"}, {"question": "x" * 200, "answer": "long"}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
     data = run(DataConfig(path=str(path), max_length=64), tiny_tokenizer)
     assert len(data.train.examples) == 1 and data.train.n_truncated == 0  # counted as dropped, not kept
     assert data.train.dropped == {NO_ANSWER_AFTER_TRUNCATION: [f"{path}:2"]}

@@ -25,11 +25,10 @@ FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"
 @pytest.fixture(scope="module")
 def run_dir(tiny_llama_dir, tmp_path_factory):
     from loratune.train import train
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     root = tmp_path_factory.mktemp("push")
-    data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(root / "qa.jsonl")
     # A high learning rate so the adapter moves the logits clearly away from the base's.
     result = train(tiny_run_config(tiny_llama_dir, data, root / "runs", max_steps=3, learning_rate=5e-2),
                    show_progress=False)

@@ -61,11 +61,10 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir, tmp_path_factory):
     """The uninterrupted run every resumed run must match."""
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("reference")
-    data = tmp / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp / "qa.jsonl")
     result = train(resumable_config(tiny_llama_dir, data, tmp / "runs", "ref"), show_progress=False)
     return data, adapter_weights(result.run_dir / "adapter")
 

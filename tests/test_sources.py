@@ -13,7 +13,7 @@ from loratune.data.prepare import load_splits
 from loratune.data.sources import MAX_RECORD_BYTES, load_conversations
 from loratune.data.templates import resolve_template
 from loratune.errors import LoratuneError
-from tests.conftest import QA_ROWS, SHARED
+from tests.conftest import QA_ROWS, SHARED, write_jsonl
 
 
 def load(path, split="train", **cfg):
@@ -110,8 +110,8 @@ def test_validation_by_fraction_and_by_separate_file(qa_file, tmp_path):
 def test_hub_source_on_a_local_folder_with_splits_and_slice(tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS[:4]))
+    write_jsonl(folder / "train.jsonl")
+    write_jsonl(folder / "test.jsonl", QA_ROWS[:4])
     convs = load(folder, "train[5:10]", source="hf")
     assert pairs(convs) == [(r["question"], r["answer"]) for r in QA_ROWS[5:10]]
     assert convs[0].origin == f"{folder}[train]:5"

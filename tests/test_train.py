@@ -14,11 +14,10 @@ from tests.conftest import tiny_run_config
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory):
-    from tests.conftest import QA_ROWS
+    from tests.conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("train")
-    data = tmp / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    data = write_jsonl(tmp / "qa.jsonl")
     cfg = tiny_run_config(tiny_llama_dir, data, tmp / "runs", max_steps=12)
     return train(cfg, show_progress=False)
 

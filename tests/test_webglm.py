@@ -12,7 +12,7 @@ from loratune.data.templates import TEMPLATES
 from loratune.data.tokenize import IGNORE, encode
 from loratune.data.webglm import INSTRUCTION, webglm_conversations
 from loratune.errors import LoratuneError
-from tests.conftest import SHARED
+from tests.conftest import SHARED, write_jsonl
 
 # Records in the documented WebGLM-QA schema (no real WebGLM-QA file exists locally; see shared/data/webglm).
 QA = [
@@ -25,13 +25,9 @@ QA = [
 ]
 
 
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def test_prompt_numbers_references_and_answer_keeps_citations(tmp_path, tiny_tokenizer):
-    convs = webglm_conversations(write(tmp_path / "qa.jsonl", QA))
+    convs = webglm_conversations(write_jsonl(tmp_path / "qa.jsonl", QA))
     assert len(convs) == 2
     assert convs[0].messages[0].content == (
         f"{INSTRUCTION}\n\nReferences:\n[1] Rayleigh scattering by molecules in the air.\n"
@@ -47,7 +43,7 @@ def test_prompt_numbers_references_and_answer_keeps_citations(tmp_path, tiny_tok
 def test_answer_citing_a_missing_reference_is_dropped_and_reported(tmp_path):
     bad = {**QA[0], "answer": "Scattering [3]."}
     dropped: dict[str, list[str]] = {}
-    path = write(tmp_path / "qa.jsonl", [QA[1], bad])
+    path = write_jsonl(tmp_path / "qa.jsonl", [QA[1], bad])
     convs = webglm_conversations(path, dropped)
     assert len(convs) == 1
     assert dropped == {"answer cites a reference number the record does not have": [f"{path}:2"]}
@@ -60,7 +56,7 @@ def test_answer_citing_a_missing_reference_is_dropped_and_reported(tmp_path):
     ({"question": "q", "references": ["r"]}, "answer"),
 ])
 def test_bad_record_is_one_line_with_file_line_and_field(tmp_path, record, field):
-    path = write(tmp_path / "qa.jsonl", [QA[0], record])
+    path = write_jsonl(tmp_path / "qa.jsonl", [QA[0], record])
     with pytest.raises(LoratuneError) as e:
         webglm_conversations(path)
     assert str(e.value).startswith(f"{path}:2: {field}: ") and "\n" not in str(e.value)
@@ -83,7 +79,7 @@ def test_evaluation_files_carry_every_acceptable_answer_as_references():
 
 
 def test_auto_source_routes_webglm_records(tmp_path):
-    path = write(tmp_path / "qa.jsonl", QA)
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
     auto = load_conversations(DataConfig(path=str(path)), str(path), "train[1:]")
     assert len(auto) == 1 and auto[0].messages[0].content.startswith(INSTRUCTION)
     explicit = load_conversations(DataConfig(source="webglm", path=str(path)), str(path), "train")
