@@ -24,25 +24,12 @@ from pathlib import Path
 
 import torch
 
-PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-            partial_rotary_factor=0.4, rope_theta=10000.0, layer_norm_eps=1e-5, resid_pdrop=0.1,
-            embd_pdrop=0.0, attention_dropout=0.0, hidden_act="gelu_new", tie_word_embeddings=False)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
+from seed_recipe_gpu import PHI2, save_synthetic_tokenizer  # noqa: E402  the recipe's model and tokenizer
+
 # Same architecture, small enough for two CPU processes: hidden 128 keeps whole 4-bit blocks (blocksize 64).
 PHI_TINY = dict(PHI2, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, resid_pdrop=0.0)
-
-
-def save_synthetic_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with exactly vocab_size tokens, so the folder loads like a real model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"t{i}": i for i in range(4, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(path)
 
 
 def make_model_dir(path: Path, tiny: bool) -> Path:
