@@ -121,14 +121,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
     compute = getattr(base, "compute_dtype", None) or x.dtype
-    if torch.compiler.is_compiling():
-        if nf4.attached(base) or getattr(base.weight, "quant_state", None) is None:
-            w = nf4.dequantize(base, compute) if nf4.attached(base) else base.weight.to(compute)
-            rates = self.__dict__.get(RATES)
-            hashed = (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
-            out = _traced_lora(x.to(compute), w, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                               float(self.scaling[name]), float(p), hashed)
-            return out.to(x.dtype)
+    # Compiled code takes the traced maths, unless a 4-bit weight has no torch-op reader (then the fused node).
+    if torch.compiler.is_compiling() and (nf4.attached(base) or getattr(base.weight, "quant_state", None) is None):
+        w = nf4.dequantize(base, compute) if nf4.attached(base) else base.weight.to(compute)
+        rates = self.__dict__.get(RATES)
+        hashed = (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
+        out = _traced_lora(x.to(compute), w, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           float(self.scaling[name]), float(p), hashed)
+        return out.to(x.dtype)
     out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
                                  self.lora_B[name].weight, float(self.scaling[name]), float(p))
     return out.to(x.dtype)
