@@ -52,6 +52,8 @@ ABLATIONS = {
     "ours-b256": ["speed.bucket_tokens=256"],
     "ours-ce256": ["speed.ce_chunk_tokens=256"],
     "ours-nodrop": ["lora.dropout=0"],
+    "ours-no-offload": ["speed.offload_activations=false"],
+    "ours-ce512": ["speed.ce_chunk_tokens=512"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
                      "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
 }
@@ -114,9 +116,17 @@ def run_ours(a: argparse.Namespace) -> None:
         import torch._functorch.config as functorch_config
 
         setattr(functorch_config, key, bool(int(value)))
+    for item in a.inductor:  # torch._inductor.config overrides, e.g. combo_kernels=1 (exploration only)
+        import torch._inductor.config as inductor_config
+
+        key, value = item.split("=")
+        setattr(inductor_config, key, type(getattr(inductor_config, key))(int(value)))
     plan = apply_speed(model, cfg.speed, device=loaded.device, dtype=loaded.dtype)
     trainable, _ = count_parameters(model)
     optimizer = build_optimizer(model, cfg.training, loaded.device)
+    if a.foreach_adam:  # the multi-tensor (foreach) AdamW instead of the fused one: an A/B of that choice
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True,
+                                      lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.training, a.steps)
     setup_s = time.perf_counter() - t_setup
 
@@ -134,6 +144,20 @@ def run_ours(a: argparse.Namespace) -> None:
     n_lin = nbase - vocab * model.config.hidden_size
     model.train()
     torch.cuda.reset_peak_memory_stats()
+    mem_weights = torch.cuda.memory_allocated()  # 4-bit base, head, embeddings, LoRA weights
+    mem_states = None  # + AdamW states (after the first step)
+    from contextlib import nullcontext
+
+    def stance():  # --skip-guards: Dynamo's guard evaluation off once every shape path has compiled
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if a.skip_guards and step >= 1 \
+            else nullcontext()
+
+    peaks = {"forward": 0, "backward": 0, "optimizer": 0}
+
+    def phase_peak(phase: str) -> None:
+        peaks[phase] = max(peaks[phase], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
     times, losses, real, processed = [], [], [], []
     first_step_s = None
     profiler = None
@@ -145,25 +169,31 @@ def run_ours(a: argparse.Namespace) -> None:
         if profiler is not None and step == a.warmup + a.profile:
             profiler.__exit__(None, None, None)
             print(f"=== profile {a.name}: {a.profile} steps, by CUDA time")
-            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
             print(f"=== profile {a.name}: by CPU self time")
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=60))
             profiler = None
         batch = collate(examples[step * a.bs : (step + 1) * a.bs], pad_id, packing=cfg.data.packing)
         batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s, n = loss_sum(model, batch, fast=cfg.training.fast_path)
-        loss = s / max(n, 1)
-        loss.backward()
+        torch.cuda.reset_peak_memory_stats()  # peaks per phase: which part of the step sets the peak
+        with stance():
+            s, n = loss_sum(model, batch, fast=cfg.training.fast_path)
+            loss = s / max(n, 1)
+            phase_peak("forward")
+            loss.backward()
+            phase_peak("backward")
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        phase_peak("optimizer")
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if step == 0:
             first_step_s = dt
+            mem_states = torch.cuda.memory_allocated()
         times.append(dt)
         losses.append(float(loss))
         real.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
@@ -183,7 +213,10 @@ def run_ours(a: argparse.Namespace) -> None:
     record(dict(compiled=compiled,
         attention_paths=dict(PATH_COUNTS), variant=a.name, arch=a.arch, overrides=a.set, speed_applied=plan.applied, step_s=round(t / (a.steps - w), 4),
         tokens_per_s_real=round(real_tps), tokens_per_s_processed=round(proc_tps),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        peak_mem_gib=round(max(peaks.values()) / 2**30, 3),
+        peak_by_phase_gib={k: round(v / 2**30, 3) for k, v in peaks.items()},
+        mem_weights_gib=round(mem_weights / 2**30, 3), mem_with_adam_gib=round(mem_states / 2**30, 3),
+        max_step_tokens=max(real), skip_guards=a.skip_guards, inductor=a.inductor, foreach_adam=a.foreach_adam,
         mfu_processed_vs_989=round(proc_tps * 4 * n_lin / PEAK_TFLOPS, 3),
         mfu_6n_real_vs_989=round(real_tps * 6 * n_lin / PEAK_TFLOPS, 3),
         loss_last=round(losses[-1], 4), loss_last5=round(sum(losses[-5:]) / len(losses[-5:]), 4),
@@ -283,6 +316,10 @@ def main() -> None:
     p.add_argument("--no-probe", action="store_true", help="skip the environment probe and the matmul ceiling")
     p.add_argument("--no-dropout", action="store_true", help="with --only ours: set every dropout to 0")
     p.add_argument("--functorch", action="append", default=[], help="with --only ours: torch._functorch.config k=0/1")
+    p.add_argument("--skip-guards", action="store_true", help="with --only ours: skip Dynamo guard evaluation "
+                   "after the first step (torch.compiler.set_stance skip_guard_eval_unsafe)")
+    p.add_argument("--foreach-adam", action="store_true", help="with --only ours: foreach AdamW, not fused")
+    p.add_argument("--inductor", action="append", default=[], help="with --only ours: torch._inductor.config k=int")
     p.add_argument("--profile", type=int, default=0, help="with --only ours: profile this many steps after warm-up")
     a = p.parse_args()
     if a.only == "ours":

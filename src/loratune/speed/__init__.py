@@ -7,6 +7,7 @@
 - compile.py        torch.compile of each decoder layer (regional), recomputation inside the compiled region
 - nf4.py            NF4 dequantization as torch ops (traceable, fused by Inductor)
 - dropout.py        counter-based dropout inside compiled layers (recomputed exactly without RNG state)
+- offload.py        the compiled layers' saved inputs in pinned CPU memory between forward and backward
 
 Every lever is exact (tests/test_speed_equivalence.py compares with plain transformers + peft) and has a switch in
 the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to the model, where
@@ -23,6 +24,7 @@ import torch
 
 from loratune.config import SpeedConfig
 from loratune.speed import attention
+from loratune.speed.offload import HostOffload, offload_context
 from loratune.speed.precision import autocast_context, frozen_to_compute_dtype
 
 PLAN_ATTR = "loratune_speed_plan"
@@ -39,10 +41,14 @@ class SpeedPlan:
     bucket_tokens: int | None = None  # pad packed rows to a multiple of this (an ignored segment at the end)
     cuda_graphs: bool = False  # layers compiled with mode="reduce-overhead"
     dropout_seed: torch.Tensor | None = None  # speed.dropout's shared seed, refilled at every micro-batch
+    offload: HostOffload | None = None  # speed.offload's hooks, around the decoder body in training
     applied: list[str] = field(default_factory=list)
 
     def autocast(self) -> AbstractContextManager:
         return autocast_context(self.device_type, self.autocast_dtype)
+
+    def offloading(self, training: bool) -> AbstractContextManager:
+        return offload_context(self.offload, training)
 
 
 def plan_of(model: Any) -> SpeedPlan | None:
@@ -78,9 +84,16 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
         from loratune.speed.compile import compile_layers, decoder_layers
 
         plan.dropout_seed = dropout.install(decoder_layers(model), device)
+        layers = decoder_layers(model)
+        recomputed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
         if compile_layers(model, cfg.compile_mode):
             plan.applied.append("compile" if cfg.compile_mode == "default" else f"compile_{cfg.compile_mode}")
             plan.cuda_graphs = cfg.compile_mode == "reduce-overhead"
+            # Offload pays only where a layer keeps just its input: recomputation inside the compiled layer.
+            # (Not under CUDA graphs: their saved tensors live in the graphs' memory pool.)
+            if cfg.offload_activations and recomputed and device_type == "cuda" and not plan.cuda_graphs:
+                plan.offload = HostOffload(model, getattr(inner.config, "hidden_size", 0))
+                plan.applied.append("offload_activations")
     if cfg.bucket_tokens:
         plan.applied.append(f"bucket_{cfg.bucket_tokens}")
     model.__dict__[PLAN_ATTR] = plan

@@ -28,13 +28,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start : start + chunk], targets[start : start + chunk]
             logits = F.linear(h, weight, bias).float()  # [c, V] fp32: the softmax needs the range
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # logsumexp by hand, in place: torch.logsumexp allocates two more [c, V] fp32 temporaries, and this
+            # chunk's buffers are the peak of the whole step once the layer inputs are offloaded (speed.offload).
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1)
+            exp = logits.sub_(top[:, None]).exp_()
+            norm = exp.sum(dim=-1)
+            total += (top + norm.log() - picked).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax, no second [c, V] buffer
+                probs = exp.div_(norm[:, None])  # the softmax, in the same buffer
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            del logits
+            del logits, exp
         if need_grad:
             ctx.save_for_backward(grad_hidden)
         return total

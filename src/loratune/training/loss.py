@@ -89,12 +89,14 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -
             lm = _inner_causal_lm(model)
             if plan and "varlen_attention" in plan.applied:
                 inputs.update(segment_kwargs(inputs))  # boundaries found once, outside any compiled layer
-            hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+            with plan.offloading(model.training) if plan else nullcontext():
+                hidden = lm.model(**inputs, use_cache=False).last_hidden_state
             selected = hidden[:, :-1][keep]
             head = lm.get_output_embeddings()
             if plan and plan.fused_cross_entropy and head_is_frozen(head):
                 return linear_cross_entropy_sum(selected, head, targets[keep], plan.ce_chunk_tokens), n
             return chunked_head_loss(head, selected, targets[keep]), n
-        logits = model(**inputs, use_cache=False).logits
+        with plan.offloading(model.training) if plan else nullcontext():
+            logits = model(**inputs, use_cache=False).logits
     flat = logits[:, :-1][keep].float()
     return F.cross_entropy(flat, targets[keep], reduction="sum"), n
