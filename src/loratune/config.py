@@ -185,7 +185,7 @@ class SpeedConfig(Section):
                           "pinned CPU memory on a side stream and prefetch it back for backward. H100: Phi-2 "
                           "3.52 -> 3.19 GiB peak (below Unsloth's 3.25) for 17% of the step time; Llama ~1B "
                           "2.03 -> 1.86 GiB for 4.5%. Switch off for speed when memory is not short. No effect on "
-                          "the CPU or without recomputation.")
+                          "the CPU, without recomputation, or under FSDP.")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile each decoder layer (regional) into one forward and one backward graph, "
                             "recomputation and counter-based dropout inside; auto = on for CUDA, off on the CPU "

@@ -94,8 +94,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
     model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
     # Under FSDP the fused LoRA node would read 4-bit weights that FSDP swapped for gathered copies without their
-    # quant_state; the other speed levers go through module forwards and stay on.
-    speed_cfg = cfg.speed.model_copy(update={"fused_lora": False}) if dist.fsdp else cfg.speed
+    # quant_state; the other speed levers go through module forwards and stay on. The activation offload would also
+    # see FSDP's gathered (unsharded) weights among the saved tensors, not only layer inputs: off there as well.
+    speed_cfg = (cfg.speed.model_copy(update={"fused_lora": False, "offload_activations": False}) if dist.fsdp
+                 else cfg.speed)
     speed = apply_speed(model, speed_cfg, device=loaded.device, dtype=loaded.dtype)
     if speed.applied:
         _log(f"speed: {', '.join(speed.applied)}")
