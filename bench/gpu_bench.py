@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +147,6 @@ def run_ours(a: argparse.Namespace) -> None:
     torch.cuda.reset_peak_memory_stats()
     mem_weights = torch.cuda.memory_allocated()  # 4-bit base, head, embeddings, LoRA weights
     mem_states = None  # + AdamW states (after the first step)
-    from contextlib import nullcontext
 
     def stance():  # --skip-guards: Dynamo's guard evaluation off once every shape path has compiled
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if a.skip_guards and step >= 1 \

@@ -81,11 +81,11 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
         plan.applied.append("fused_cross_entropy")
     if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
         from loratune.speed import dropout
-        from loratune.speed.compile import compile_layers, decoder_layers
+        from loratune.speed.compile import checkpointed, compile_layers, decoder_layers
 
-        plan.dropout_seed = dropout.install(decoder_layers(model), device)
         layers = decoder_layers(model)
-        recomputed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+        plan.dropout_seed = dropout.install(layers, device)
+        recomputed = checkpointed(layers)  # read before compile_layers moves the recomputation inside
         if compile_layers(model, cfg.compile_mode):
             plan.applied.append("compile" if cfg.compile_mode == "default" else f"compile_{cfg.compile_mode}")
             plan.cuda_graphs = cfg.compile_mode == "reduce-overhead"

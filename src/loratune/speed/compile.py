@@ -49,9 +49,14 @@ def _recomputed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any
     return forward(self, *args, **kwargs)
 
 
+def checkpointed(layers: list[torch.nn.Module]) -> bool:
+    """Whether transformers' per-layer gradient checkpointing is on (before `recompute_inside` takes it over)."""
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+
+
 def recompute_inside(layers: list[torch.nn.Module]) -> bool:
     """Take transformers' per-layer checkpointing over into the layer's forward; False if it was off."""
-    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+    if not checkpointed(layers):
         return False
     for layer in layers:
         layer.gradient_checkpointing = False
