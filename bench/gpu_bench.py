@@ -45,12 +45,10 @@ ABLATIONS = {
     "ours-no-compile-fp32-frozen": ["speed.compile=off", "speed.compute_dtype_frozen=false"],
     "ours-no-compile-autocast": ["speed.compile=off", "speed.autocast=true"],
     "ours-no-compile-padded": ["speed.compile=off", "data.packing=false"],
-    # CUDA graphs (regional compile in mode reduce-overhead) over packed rows padded to a few bucketed lengths.
-    "ours-cg-b256": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=256"],
-    "ours-cg-b512": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=512"],
-    "ours-cg-b512-no-ckpt": ["speed.compile_mode=reduce-overhead", "speed.bucket_tokens=512",
-                             "model.gradient_checkpointing=false"],
-    "ours-b256": ["speed.bucket_tokens=256"],
+    # The micro-batch replayed as CUDA graphs (speed.graphs), packed rows padded to multiples of 256 or 512 tokens.
+    "ours-no-graphs": ["speed.cuda_graphs=false"],
+    "ours-no-graphs-no-offload": ["speed.cuda_graphs=false", "speed.offload_activations=false"],
+    "ours-graphs-b512": ["speed.bucket_tokens=512"],
     "ours-ce256": ["speed.ce_chunk_tokens=256"],
     "ours-nodrop": ["lora.dropout=0"],
     "ours-no-offload": ["speed.offload_activations=false"],
@@ -95,6 +93,7 @@ def run_ours(a: argparse.Namespace) -> None:
     from loratune.models.lora import add_lora, count_parameters
     from loratune.speed import apply_speed, pad_to_bucket
     from loratune.train import seed_everything
+    from loratune.training.loop import accumulate
     from loratune.training.loss import loss_sum
     from loratune.training.optim import build_optimizer, build_scheduler
 
@@ -153,12 +152,19 @@ def run_ours(a: argparse.Namespace) -> None:
             else nullcontext()
 
     peaks = {"forward": 0, "backward": 0, "optimizer": 0}
+    prepare_s = None
+    if plan.graphs is not None:  # as train.train does: record every packed length before the first step
+        t_prep = time.perf_counter()
+        recorded, _ = plan.graphs.prepare_for(lens[: a.steps * a.bs], a.bs)
+        prepare_s = round(time.perf_counter() - t_prep, 1)
+        peaks["graphs_recording"] = torch.cuda.max_memory_allocated()  # what the replays' memory pool holds
+        print(f"cuda graphs: {recorded} lengths recorded in {prepare_s} s (compilation included)", flush=True)
 
     def phase_peak(phase: str) -> None:
         peaks[phase] = max(peaks[phase], torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
 
-    times, losses, real, processed = [], [], [], []
+    times, losses, real, processed, captured_at = [], [], [], [], []
     first_step_s = None
     profiler = None
     for step in range(a.steps):
@@ -173,24 +179,30 @@ def run_ours(a: argparse.Namespace) -> None:
             print(f"=== profile {a.name}: by CPU self time")
             print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=60))
             profiler = None
-        batch = collate(examples[step * a.bs : (step + 1) * a.bs], pad_id, packing=cfg.data.packing)
-        batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+        captures_before = plan.graphs.captures if plan.graphs is not None else 0
+        cpu_batch = collate(examples[step * a.bs : (step + 1) * a.bs], pad_id, packing=cfg.data.packing)
+        batch = {k: v.to("cuda", non_blocking=True) for k, v in cpu_batch.items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()  # peaks per phase: which part of the step sets the peak
         with stance():
-            s, n = loss_sum(model, batch, fast=cfg.training.fast_path)
-            loss = s / max(n, 1)
-            phase_peak("forward")
-            loss.backward()
+            if plan.graphs is not None:  # the training loop's own micro-batch call (CUDA graph replay inside)
+                loss, _ = accumulate(model, [cpu_batch], device="cuda", fast=cfg.training.fast_path)
+            else:
+                s, n = loss_sum(model, batch, fast=cfg.training.fast_path)
+                loss = s / max(n, 1)
+                phase_peak("forward")
+                loss.backward()
             phase_peak("backward")
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=plan.graphs is None)
         phase_peak("optimizer")
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if plan.graphs is not None and plan.graphs.captures > captures_before:
+            captured_at.append(step)  # this step ran eagerly and recorded a new packed length
         if step == 0:
             first_step_s = dt
             mem_states = torch.cuda.memory_allocated()
@@ -198,12 +210,17 @@ def run_ours(a: argparse.Namespace) -> None:
         losses.append(float(loss))
         real.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
         # speed.bucket_tokens pads the packed row inside loss_sum: count the tokens actually computed.
-        processed.append(pad_to_bucket(batch, plan.bucket_tokens)["input_ids"].numel() if plan.bucket_tokens
-                         else batch["input_ids"].numel())
+        bucket = plan.graphs.bucket if plan.graphs is not None else plan.bucket_tokens
+        processed.append(pad_to_bucket(batch, bucket)["input_ids"].numel() if bucket else batch["input_ids"].numel())
     w = a.warmup
     t = sum(times[w:])
     real_tps = sum(real[w:]) / t
     proc_tps = sum(processed[w:]) / t
+    replayed = [i for i in range(w, a.steps) if i not in captured_at]  # steps that only replayed a CUDA graph
+    graphs = None if plan.graphs is None else dict(
+        captures=plan.graphs.captures, captured_at_steps=captured_at,
+        tokens_per_s_real_replay_steps=round(sum(real[i] for i in replayed) / max(sum(times[i] for i in replayed),
+                                                                                  1e-9)))
     from torch._dynamo.utils import counters
 
     from loratune.speed.attention import PATH_COUNTS
@@ -216,7 +233,8 @@ def run_ours(a: argparse.Namespace) -> None:
         peak_mem_gib=round(max(peaks.values()) / 2**30, 3),
         peak_by_phase_gib={k: round(v / 2**30, 3) for k, v in peaks.items()},
         mem_weights_gib=round(mem_weights / 2**30, 3), mem_with_adam_gib=round(mem_states / 2**30, 3),
-        max_step_tokens=max(real), skip_guards=a.skip_guards, inductor=a.inductor, foreach_adam=a.foreach_adam,
+        max_step_tokens=max(real), cuda_graphs=graphs, graphs_prepare_s=prepare_s,
+        max_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3), skip_guards=a.skip_guards, inductor=a.inductor, foreach_adam=a.foreach_adam,
         mfu_processed_vs_989=round(proc_tps * 4 * n_lin / PEAK_TFLOPS, 3),
         mfu_6n_real_vs_989=round(real_tps * 6 * n_lin / PEAK_TFLOPS, 3),
         loss_last=round(losses[-1], 4), loss_last5=round(sum(losses[-5:]) / len(losses[-5:]), 4),

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
     model = add_lora(loaded.model, cfg.lora, quantized=loaded.quantized,
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
     # Under FSDP the fused LoRA node would read 4-bit weights that FSDP swapped for gathered copies without their
-    # quant_state; the other speed levers go through module forwards and stay on. The activation offload would also
-    # see FSDP's gathered (unsharded) weights among the saved tensors, not only layer inputs: off there as well.
-    speed_cfg = (cfg.speed.model_copy(update={"fused_lora": False, "offload_activations": False}) if dist.fsdp
-                 else cfg.speed)
+    # quant_state; the other speed levers go through module forwards and stay on. The activation offload wraps the
+    # compiled layer calls that FSDP's own hooks surround, and a CUDA graph cannot record FSDP's collectives: both off.
+    speed_cfg = (cfg.speed.model_copy(update={"fused_lora": False, "offload_activations": False, "cuda_graphs": False})
+                 if dist.fsdp else cfg.speed)
     speed = apply_speed(model, speed_cfg, device=loaded.device, dtype=loaded.dtype)
     if speed.applied:
         _log(f"speed: {', '.join(speed.applied)}")
@@ -155,6 +156,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
                                    every=cfg.training.eval_generate_every, total_steps=steps, device=loaded.device)
     if torch.cuda.is_available() and loaded.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if speed.graphs is not None and cfg.data.packing and cfg.training.fast_path and not dist.fsdp:
+        t0 = time.perf_counter()
+        model.train()
+        recorded, longest = speed.graphs.prepare_for([len(e.input_ids) for e in data.train.examples],
+                                                     cfg.training.batch_size)
+        _log(f"cuda graphs: {recorded} packed lengths recorded, rows up to {longest} tokens "
+             f"({time.perf_counter() - t0:.0f} s, compilation included)")
     try:
         result = fit(model, optimizer, scheduler, data.train.examples, validation, settings,
                      pad_id=tokenizer.pad_token_id, device=loaded.device, run_dir=run_dir, state=state,

@@ -7,7 +7,8 @@
 - compile.py        torch.compile of each decoder layer (regional), recomputation inside the compiled region
 - nf4.py            NF4 dequantization as torch ops (traceable, fused by Inductor)
 - dropout.py        counter-based dropout inside compiled layers (recomputed exactly without RNG state)
-- offload.py        the compiled layers' saved inputs in pinned CPU memory between forward and backward
+- offload.py        the compiled layers' inputs in pinned CPU memory between forward and backward
+- graphs.py         the packed micro-batch's forward + loss + backward recorded and replayed as CUDA graphs
 
 Every lever is exact (tests/test_speed_equivalence.py compares with plain transformers + peft) and has a switch in
 the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to the model, where
@@ -24,6 +25,7 @@ import torch
 
 from loratune.config import SpeedConfig
 from loratune.speed import attention
+from loratune.speed.graphs import StepGraphs
 from loratune.speed.offload import HostOffload, offload_context
 from loratune.speed.precision import autocast_context, frozen_to_compute_dtype
 
@@ -39,9 +41,9 @@ class SpeedPlan:
     fused_cross_entropy: bool = False
     ce_chunk_tokens: int = 1024
     bucket_tokens: int | None = None  # pad packed rows to a multiple of this (an ignored segment at the end)
-    cuda_graphs: bool = False  # layers compiled with mode="reduce-overhead"
+    graphs: StepGraphs | None = None  # speed.graphs: micro-batches replayed as CUDA graphs (the loop calls it)
     dropout_seed: torch.Tensor | None = None  # speed.dropout's shared seed, refilled at every micro-batch
-    offload: HostOffload | None = None  # speed.offload's hooks, around the decoder body in training
+    offload: HostOffload | None = None  # speed.offload, active around the decoder body in training
     applied: list[str] = field(default_factory=list)
 
     def autocast(self) -> AbstractContextManager:
@@ -86,18 +88,31 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
         layers = decoder_layers(model)
         plan.dropout_seed = dropout.install(layers, device)
         recomputed = checkpointed(layers)  # read before compile_layers moves the recomputation inside
-        if compile_layers(model, cfg.compile_mode):
-            plan.applied.append("compile" if cfg.compile_mode == "default" else f"compile_{cfg.compile_mode}")
-            plan.cuda_graphs = cfg.compile_mode == "reduce-overhead"
+        if compile_layers(model):
+            plan.applied.append("compile")
             # Offload pays only where a layer keeps just its input: recomputation inside the compiled layer.
-            # (Not under CUDA graphs: their saved tensors live in the graphs' memory pool.)
-            if cfg.offload_activations and recomputed and device_type == "cuda" and not plan.cuda_graphs:
-                plan.offload = HostOffload(model, getattr(inner.config, "hidden_size", 0))
+            if cfg.offload_activations and recomputed and device_type == "cuda":
+                plan.offload = HostOffload(layers)
                 plan.applied.append("offload_activations")
+            if cfg.cuda_graphs and device_type == "cuda" and _graphable(model, plan):
+                plan.graphs = StepGraphs(model, [p for p in model.parameters() if p.requires_grad],
+                                         bucket=cfg.bucket_tokens or 256, autocast=plan.autocast,
+                                         dropout_seed=plan.dropout_seed, offload=plan.offload,
+                                         ce_chunk_tokens=cfg.ce_chunk_tokens)
+                plan.applied.append("cuda_graphs")
     if cfg.bucket_tokens:
         plan.applied.append(f"bucket_{cfg.bucket_tokens}")
     model.__dict__[PLAN_ATTR] = plan
     return plan
+
+
+def _graphable(model: Any, plan: SpeedPlan) -> bool:
+    """What speed.graphs records: the loss fast path over packed rows, with the fused head + cross-entropy."""
+    from loratune.speed.cross_entropy import head_is_frozen
+    from loratune.training.loss import _inner_causal_lm, fast_path_supported
+
+    return (fast_path_supported(model) and "varlen_attention" in plan.applied and plan.fused_cross_entropy
+            and head_is_frozen(_inner_causal_lm(model).get_output_embeddings()))
 
 
 def pad_to_bucket(batch: dict[str, torch.Tensor], bucket: int) -> dict[str, torch.Tensor]:

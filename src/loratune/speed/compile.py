@@ -64,9 +64,9 @@ def recompute_inside(layers: list[torch.nn.Module]) -> bool:
     return True
 
 
-def compile_layers(model: Any, mode: str = "default", backend: str = "inductor") -> int:
-    """Compile every decoder layer in place; returns how many were compiled. `mode="reduce-overhead"` replays
-    each compiled region as a CUDA graph (recorded once per distinct shape: bucket the packed lengths)."""
+def compile_layers(model: Any, backend: str = "inductor") -> int:
+    """Compile every decoder layer in place; returns how many were compiled. (CUDA graphs are recorded around
+    the whole micro-batch by speed.graphs, not per layer: torch's cudagraph trees crashed on these layers.)"""
     from transformers import AttentionInterface
 
     from loratune.speed import attention
@@ -84,5 +84,5 @@ def compile_layers(model: Any, mode: str = "default", backend: str = "inductor")
     layers = decoder_layers(model)
     recompute_inside(layers)
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend, mode=None if mode == "default" else mode)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, weights: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -34,10 +34,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             top = logits.amax(dim=-1)
             exp = logits.sub_(top[:, None]).exp_()
             norm = exp.sum(dim=-1)
-            total += (top + norm.log() - picked).sum()
+            nll = top + norm.log() - picked
+            w = None if weights is None else weights[start : start + chunk].to(nll.dtype)
+            total += (nll if w is None else nll * w).sum()
             if need_grad:
                 probs = exp.div_(norm[:, None])  # the softmax, in the same buffer
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                if w is not None:
+                    probs.mul_(w[:, None])
                 grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             del logits, exp
         if need_grad:
@@ -47,18 +51,22 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                             chunk: int = 1024) -> torch.Tensor:
-    """sum over rows of CE(head(hidden), targets) as fp32; hidden [N, H], targets [N] (no ignored entries)."""
+                             chunk: int = 1024, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over rows of CE(head(hidden), targets) as fp32; hidden [N, H], targets [N] (valid class ids).
+
+    `weights` [N] (bool or float) multiplies each row's loss and gradient: the CUDA-graph path (speed.graphs)
+    computes every position and zeroes the ignored ones, where selecting them would give a data-dependent shape.
+    """
     if hidden.shape[0] == 0:
         return hidden.sum(dtype=torch.float32) * 0.0
     # Under autocast the head would run in bf16 anyway; run it explicitly in the weight's dtype, outside autocast,
     # so the result does not depend on the caller's context.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropySum.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk)
+        return _LinearCrossEntropySum.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk, weights)
 
 
 def head_is_frozen(head: torch.nn.Module) -> bool:

@@ -21,6 +21,7 @@ import torch
 from loratune.data.batching import collate, n_real_tokens, n_target_tokens, schedule
 from loratune.data.tokenize import Example
 from loratune.errors import LoratuneError, TrainingInterrupted
+from loratune.speed import plan_of
 from loratune.training import checkpoint as ckpt
 from loratune.training.distributed import DistContext
 from loratune.training.loss import loss_sum
@@ -108,10 +109,16 @@ def accumulate(model: Any, batches: list[dict[str, torch.Tensor]], *, device: An
     local_targets = sum(n_target_tokens(b) for b, c in zip(batches, counted) if c)
     (window_targets,) = dist.sum(local_targets)
     local_loss, real = 0.0, 0
+    plan = plan_of(model)
+    graphs = plan.graphs if plan is not None and fast else None
     for batch, use in zip(batches, counted):
-        s, _ = loss_sum(model, to_device(batch, device), fast=fast)
-        loss = s / max(window_targets, 1) if use else s * 0.0
-        (loss * dist.loss_scale).backward()
+        weight = 1.0 / max(window_targets, 1) if use else 0.0
+        if graphs is not None and graphs.usable(batch):  # forward + backward replayed as a CUDA graph
+            loss = graphs.run(batch, weight * dist.loss_scale) * weight
+        else:
+            s, _ = loss_sum(model, to_device(batch, device), fast=fast)
+            loss = s * weight
+            (loss * dist.loss_scale).backward()
         if use:
             real += n_real_tokens(batch)
             local_loss += float(loss.detach())
@@ -149,6 +156,7 @@ def fit(
     fast = settings.fast_path and not dist.fsdp
     checkpoints = run_dir / "checkpoints"
     trainable = [p for p in model.parameters() if p.requires_grad]
+    speed_plan = plan_of(model)
     best_ckpt: Path | None = None
     last_ckpt: Path | None = None
     if state.best_step is not None and (checkpoints / f"step-{state.best_step:06d}").is_dir():
@@ -196,7 +204,8 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                # Under CUDA graphs the recorded backward adds into these very .grad tensors: zero them in place.
+                optimizer.zero_grad(set_to_none=speed_plan is None or speed_plan.graphs is None)
                 (step_real,) = dist.sum(local_real)
                 state.step = step
                 current_step = step

@@ -76,9 +76,6 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], *, fast: bool = True) -
         from loratune.speed.dropout import next_seed
 
         next_seed(plan.dropout_seed)  # new dropout masks for this micro-batch (the same in its recomputation)
-    if plan and plan.cuda_graphs and model.training:
-        # A new step for the CUDA-graph trees: the previous step's graph outputs may be overwritten from here on.
-        torch.compiler.cudagraph_mark_step_begin()
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
