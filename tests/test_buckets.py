@@ -31,8 +31,8 @@ def test_pad_to_bucket_adds_one_ignored_segment():
 def test_bucketed_loss_and_grads_equal_unbucketed(kind, varlen, request):
     model, loaded = make_lora_model(request.getfixturevalue(kind), checkpointing=True)
     bucketed = copy.deepcopy(model)
-    apply_speed(model, SpeedConfig(compile="off", varlen_attention=varlen), device="cpu", dtype=torch.float32)
-    plan = apply_speed(bucketed, SpeedConfig(compile="off", varlen_attention=varlen, bucket_tokens=32),
+    apply_speed(model, SpeedConfig(compile="off", varlen_attention=varlen, cpu_bf16=False), device="cpu", dtype=torch.float32)
+    plan = apply_speed(bucketed, SpeedConfig(compile="off", varlen_attention=varlen, bucket_tokens=32, cpu_bf16=False),
                        device="cpu", dtype=torch.float32)
     assert "bucket_32" in plan.applied
     exs = examples(model.config.vocab_size, lengths=(9, 40, 3, 22, 15))  # 89 tokens -> 96

@@ -100,7 +100,7 @@ def _qlora(model_dir, kind, dropout=0.0, checkpointing=True, speed=True):
                      gradient_checkpointing=checkpointing)
     nonzero_lora_b(model)
     if speed:
-        apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+        apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.float32)
     return model, loaded
 
 

@@ -27,7 +27,7 @@ def _graphs(model, bucket: int, record: bool) -> StepGraphs:
 @pytest.mark.parametrize("kind", ["llama", "phi"])
 def test_graph_body_same_loss_and_gradients_through_the_loop(tmp_path, kind):
     model, loaded = make_lora_model(save_tiny_model(tmp_path, kind))
-    apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+    apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.float32)
     vocab, pad = model.config.vocab_size, loaded.tokenizer.pad_token_id
     batches = [collate(examples(vocab), pad, packing=True),
                collate(examples(vocab, lengths=(9, 40, 3), seed=4), pad, packing=True)]
@@ -48,7 +48,7 @@ def test_graph_gradient_buffers_kept_and_rebuilt(tmp_path):
     """The recorded adds target fixed `.grad` tensors: they accumulate across calls, and a `zero_grad` that sets
     them to None drops every recording and builds new buffers (never a write into a stale tensor)."""
     model, loaded = make_lora_model(save_tiny_model(tmp_path, "llama"))
-    apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+    apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.float32)
     batch = collate(examples(model.config.vocab_size), loaded.tokenizer.pad_token_id, packing=True)
     model.zero_grad(set_to_none=True)
     s, _ = loss_sum(model, batch)
@@ -75,7 +75,7 @@ def test_prepare_covers_every_bucket_and_leaves_gradients_unchanged(tmp_path):
     """`prepare` runs each bucket length once with weight 0 (no gradient change); the rows training then meets
     (n examples + a padding segment) find their key already there."""
     model, loaded = make_lora_model(save_tiny_model(tmp_path, "llama"))
-    apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+    apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.float32)
     graphs = _graphs(model, bucket=16, record=False)
     model.zero_grad(set_to_none=True)
     graphs.prepare(max_tokens=70, examples_per_row=4)

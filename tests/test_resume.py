@@ -25,7 +25,7 @@ from tests.conftest import REPO, tiny_run_config
 
 
 def resumable_config(model_dir: Path, data: Path, out: Path, name: str, **training):
-    """Tiny fp32 CPU run with dropout (so RNG matters), one thread (bit-for-bit), checkpoints every 2 steps.
+    """Tiny CPU run (fp32 weights) with dropout (so RNG matters), one thread (bit-for-bit), checkpoints every 2 steps.
 
     80 steps (about 2 s) leave a wide window to kill the subprocess in, even on a loaded machine.
     """

@@ -22,9 +22,10 @@ from loratune.speed import apply_speed, plan_of
 from loratune.speed.attention import NAME, segments_from_positions, varlen_attention_forward
 from loratune.training.loss import loss_sum
 
-CPU_LEVERS = SpeedConfig(compile="off")  # everything else at its default (on)
+CPU_LEVERS = SpeedConfig(compile="off", cpu_bf16=False)  # the exact levers, each at its default (on)
 ALL_OFF = SpeedConfig(varlen_attention=False, compute_dtype_frozen=False, autocast=False, fused_lora=False,
-                      fused_cross_entropy=False, compile="off")
+                      fused_cross_entropy=False, compile="off", cpu_bf16=False, offload_activations=False,
+                      cuda_graphs=False)
 
 
 def nonzero_lora_b(model) -> None:
@@ -202,7 +203,7 @@ def test_padded_batches_and_generation_keep_transformers_masks(tiny_llama_dir):
 def test_frozen_weights_back_in_compute_dtype(tiny_phi_dir):
     """peft's k-bit preparation leaves frozen fp32 copies; the speed path casts frozen ones only."""
     model, _ = make_lora_model(tiny_phi_dir)
-    plan = apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.bfloat16)
+    plan = apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.bfloat16)
     assert "compute_dtype_frozen" in plan.applied and plan.autocast_dtype is None  # CPU: no autocast
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
@@ -260,7 +261,7 @@ def dequantized_copy(model):
 def test_fused_lora_over_4bit_matches_peft(phi64_dir, fused_calls):
     ours, loaded = make_qlora_model(phi64_dir)
     reference = dequantized_copy(ours)
-    plan = apply_speed(ours, SpeedConfig(compile="off", varlen_attention=False, fused_cross_entropy=False),
+    plan = apply_speed(ours, SpeedConfig(compile="off", varlen_attention=False, fused_cross_entropy=False, cpu_bf16=False),
                        device="cpu", dtype=torch.float32)
     assert plan.applied == ["fused_lora"]
     fused = [m for m in ours.modules() if hasattr(m, "_loratune_peft_forward")]
@@ -335,13 +336,19 @@ def test_sliding_window_models_keep_transformers_attention():
     assert not attention.enable(model) and model.config._attn_implementation == "sdpa"
 
 
-def test_cpu_bf16_is_opt_in_and_close_to_fp32(tiny_llama_dir, fused_calls):
-    """speed.cpu_bf16 runs the forward under CPU bf16 autocast (peft's LoRA path, which handles autocast); off by
-    default. Its loss stays within bf16 rounding of the fp32 loss."""
-    assert SpeedConfig().cpu_bf16 is False
+def test_cpu_bf16_where_the_cpu_has_it_and_close_to_fp32(tiny_llama_dir, fused_calls, monkeypatch):
+    """speed.cpu_bf16 (on by default) runs the forward under CPU bf16 autocast (peft's LoRA path, which handles
+    autocast) on CPUs that multiply bf16 natively, and nowhere else. Its loss stays within bf16 rounding of the fp32
+    loss."""
+    from loratune.speed import precision
+
     model, loaded = make_lora_model(tiny_llama_dir)
     reference = copy.deepcopy(model)
-    plan = apply_speed(model, SpeedConfig(compile="off", cpu_bf16=True), device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    plan = apply_speed(copy.deepcopy(model), SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
+    assert "cpu_bf16" not in plan.applied and plan.autocast_dtype is None  # bf16 would be slower there
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    plan = apply_speed(model, SpeedConfig(compile="off"), device="cpu", dtype=torch.float32)
     assert "cpu_bf16" in plan.applied and plan.autocast_dtype == torch.bfloat16
     apply_speed(reference, CPU_LEVERS, device="cpu", dtype=torch.float32)
     exs = examples(model.config.vocab_size)

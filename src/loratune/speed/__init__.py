@@ -10,9 +10,9 @@
 - offload.py        the compiled layers' inputs in pinned CPU memory between forward and backward
 - graphs.py         the packed micro-batch's forward + loss + backward recorded and replayed as CUDA graphs
 
-Every lever is exact (tests/test_speed_equivalence.py compares with plain transformers + peft) and has a switch in
-the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to the model, where
-`loratune.training.loss.loss_sum` finds it.
+Every lever but the CPU's bf16 autocast is exact (tests/test_speed_equivalence.py compares with plain transformers +
+peft) and has a switch in the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to
+the model, where `loratune.training.loss.loss_sum` finds it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from loratune.config import SpeedConfig
-from loratune.speed import attention
+from loratune.speed import attention, precision
 from loratune.speed.graphs import StepGraphs
 from loratune.speed.offload import HostOffload, offload_context
 from loratune.speed.precision import autocast_context, frozen_to_compute_dtype
@@ -70,7 +70,7 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
     if cfg.autocast and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         plan.autocast_dtype = dtype
         plan.applied.append("autocast")
-    if cfg.cpu_bf16 and device_type == "cpu":
+    if cfg.cpu_bf16 and device_type == "cpu" and dtype == torch.float32 and precision.cpu_has_bf16():
         plan.autocast_dtype = torch.bfloat16
         plan.applied.append("cpu_bf16")
     if cfg.fused_lora:

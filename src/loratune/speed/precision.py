@@ -32,9 +32,16 @@ def frozen_to_compute_dtype(model: Any, dtype: torch.dtype) -> int:
     return cast
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles). Without those instructions bf16 is
+    emulated and slower than fp32, so `speed.cpu_bf16` leaves such CPUs in fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def autocast_context(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast to `dtype` on `device_type`; nothing for fp32/None. (`apply_speed` decides where it pays: CUDA when
-    asked, the CPU only with `speed.cpu_bf16`, since bf16 is slower than fp32 on CPUs without bf16 instructions.)"""
+    asked, the CPU with `speed.cpu_bf16` where `cpu_has_bf16`.)"""
     if dtype is None or dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type, dtype=dtype)
