@@ -90,6 +90,44 @@ def test_prepare_covers_every_bucket_and_leaves_gradients_unchanged(tmp_path):
     assert wide.bucket == 64 and len(wide.graphs) == 19 <= 32
 
 
+def test_a_failed_recording_falls_back_to_the_eager_body(tmp_path, monkeypatch):
+    """If recording raises (an operation that cannot be captured), the micro-batch's warm-up result stands, one
+    warning says what happened, and later micro-batches run the same body eagerly: training goes on unchanged.
+    (torch.cuda's stream and graph calls are stand-ins here: the control flow is what is checked.)"""
+    from contextlib import nullcontext
+
+    model, loaded = make_lora_model(save_tiny_model(tmp_path, "llama"))
+    apply_speed(model, SpeedConfig(compile="off", cpu_bf16=False), device="cpu", dtype=torch.float32)
+    vocab, pad = model.config.vocab_size, loaded.tokenizer.pad_token_id
+    batches = [collate(examples(vocab), pad, packing=True),
+               collate(examples(vocab, lengths=(9, 40, 3), seed=4), pad, packing=True)]
+    model.zero_grad(set_to_none=True)
+    loss, _ = accumulate(model, batches, device="cpu", fast=True)
+    grads = lora_grads(model)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def refuse(graph, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    graphs = plan_of(model).graphs = _graphs(model, bucket=16, record=True)
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(RuntimeWarning, match=r"recording failed \(operation not permitted when stream is capturing\)"):
+        g_loss, _ = accumulate(model, batches, device="cpu", fast=True)
+    assert graphs.failed and graphs.captures == 0 and all(g.graph is None for g in graphs.graphs.values())
+    assert graphs.prepare(max_tokens=200, examples_per_row=4) == 0  # no further attempt
+    assert g_loss == pytest.approx(loss, rel=1e-5)
+    for name, g in lora_grads(model).items():
+        assert rel(g, grads[name]) < 1e-5, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_recorded_step_replays_eager_gradients_on_cuda(tmp_path):
     """Record two packed lengths, replay each: the loss and LoRA gradients of every replay equal the eager path's

@@ -25,11 +25,13 @@ before training starts (a warm-up run with loss weight 0, then the capture; ~0.5
 share one memory pool: what they keep between replays (the `.grad` buffers, the loss) lives outside it.
 
 Used only for a packed row in training with gradients on; anything else (padded batches, evaluation) takes the
-eager path. Activation offload (speed.offload) is recorded with the rest; FSDP is not (collectives).
+eager path. Activation offload (speed.offload) is recorded with the rest; FSDP is not (collectives). If a recording
+fails (an operation that cannot be captured), training goes on with the same body run eagerly, and says so once.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +72,7 @@ class StepGraphs:
     captures: int = 0
     replays: int = 0
     in_place: bool = True  # autograd accumulates into `.grad` in place (else autograd.grad + an explicit add)
+    failed: bool = False  # a recording raised: the body runs eagerly from then on
     _pool: Any = None
     _side: Any = None  # the warm-ups' stream
     _grad_ptrs: list[int] | None = None  # where the `.grad` buffers live
@@ -108,6 +111,8 @@ class StepGraphs:
         from loratune.speed.attention import segments_from_positions
 
         for length in range(self.bucket, -(-max_tokens // self.bucket) * self.bucket + 1, self.bucket):
+            if self.failed:  # a recording failed: the micro-batches run eagerly, nothing to prepare
+                return
             if length <= examples_per_row + 1:
                 continue
             sizes = [(length - 1) // examples_per_row] * examples_per_row
@@ -176,14 +181,28 @@ class StepGraphs:
             self._warm_up(g)
         current.wait_stream(self._side)
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._pool):
-            self._body(g)
+        try:
+            with torch.cuda.graph(g.graph, pool=self._pool):
+                self._body(g)
+        except RuntimeError as err:  # this micro-batch is done (the warm-up); the later ones run the body eagerly
+            self._stop_recording(err)
+            return self._total
         self._pool = g.graph.pool()
         if self.offload is not None:
             g.host_buffers = [entry.host for entry in self.offload._order]
         self.graphs[key] = g
         self.captures += 1
         return self._total
+
+    def _stop_recording(self, err: BaseException) -> None:
+        """A recording failed (an operation that cannot be captured, from a model or library we do not control):
+        keep training, with the same body run eagerly from here on, and say so once."""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"speed.cuda_graphs: recording failed ({reason}); the micro-batches run without CUDA graphs "
+                      "from here on (set speed.cuda_graphs: false to skip the attempt)", RuntimeWarning, stacklevel=3)
+        self.record, self.failed = False, True
+        self.graphs.clear()
+        self._pool = None
 
     def _warm_up(self, g: _Graph) -> None:
         """Run the body eagerly. If autograd replaced a `.grad` instead of adding in place (it adds in place into a
