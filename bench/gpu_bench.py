@@ -4,9 +4,11 @@ Workload (issue 9): Phi-2 config (or TinyLlama's ~1B shape) with random weights,
 LoRA r=32 alpha=64, batch 4, example lengths uniform in 128..1024 (`baselines/seed_recipe_gpu.lengths`, seed 0),
 every token labelled. The recipe pads every example to 1024; Unsloth runs its recommended settings; loratune runs
 its own recipe code (models.load.load_model with the 4-bit config, models.lora.add_lora, speed.apply_speed,
-training.loss.loss_sum, training.optim) on packed, padding-free micro-batches.
+training.optim, and the training loop's `accumulate`, which replays CUDA graphs, or training.loss.loss_sum when
+they are off) on packed, padding-free micro-batches. As `loratune train` does, the graphs of every packed length are
+recorded before the first step; that recording's memory is reported as the phase `graphs_recording`.
 
-    python3 bench/gpu_bench.py --arch phi2 --variants ours      # recipe, Unsloth, ours (~5 min); table last
+    python3 bench/gpu_bench.py --arch phi2 --variants ours,ours-no-graphs --no-probe   # ~6 min; table last
     python3 bench/gpu_bench.py --arch phi2 --steps 12 --warmup 4 --baselines "" --variants ours-no-compile,...
     python3 bench/gpu_bench.py --only ours --arch phi2 --set speed.compile=off --profile 2   # torch.profiler tables
     python3 bench/gpu_bench.py --only probe                     # what the device's torch/transformers offer
