@@ -156,7 +156,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, show_progress: bool 
                                    every=cfg.training.eval_generate_every, total_steps=steps, device=loaded.device)
     if torch.cuda.is_available() and loaded.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if speed.graphs is not None and cfg.data.packing and cfg.training.fast_path and not dist.fsdp:
+    if speed.graphs is not None and cfg.data.packing and cfg.training.fast_path:  # (never set under FSDP)
         t0 = time.perf_counter()
         model.train()
         recorded, longest = speed.graphs.prepare_for([len(e.input_ids) for e in data.train.examples],

@@ -52,7 +52,6 @@ class _Graph:
     labels: torch.Tensor
     cu_seqlens: torch.Tensor
     graph: Any = None
-    replays: int = 0
     host_buffers: list[torch.Tensor] = field(default_factory=list)  # offload's pinned buffers the recording uses
 
 
@@ -168,7 +167,6 @@ class StepGraphs:
             return self._total
         if not new:
             g.graph.replay()
-            g.replays += 1
             self.replays += 1
             return self._total
         # Warm-up on a side stream (lazy initialisations stay out of the recording); this is the real computation

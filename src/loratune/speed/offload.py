@@ -73,7 +73,7 @@ class HostOffload:
         self.device_copy = device_copy
         self.active = False
         self._order: list[_Stash] = []  # this forward's stashed inputs, in layer order
-        self._pending: list[tuple[_Stash, torch.UntypedStorage]] = []  # copied down, block not yet given back
+        self._pending: list[_Stash] = []  # copy down issued, block not yet given back
         self.offloaded_bytes = 0  # in total, for tests and the bench
         self._down: Any = None
         self._up: Any = None
@@ -121,10 +121,11 @@ class HostOffload:
             host.copy_(data)
         del data
         entry.host = host
-        self._free_pending()
-        self._pending.append((entry, x.untyped_storage()))
+        self._free_pending()  # the layer before's input: its copy down was issued one layer ago
         if entry.stored is None:
-            self._free_pending()
+            entry.storage.resize_(0)  # a plain copy has finished already
+        else:
+            self._pending.append(entry)
         self.offloaded_bytes += entry.nbytes
         self._order.append(entry)
         y.register_hook(partial(self._before_backward, entry))  # the hook keeps the entry as long as the graph
@@ -134,10 +135,9 @@ class HostOffload:
         each copy (issued one layer earlier, so it has normally finished), then the storage is emptied. Freeing
         one layer late, instead of `record_stream`, keeps this valid inside a CUDA-graph recording (speed.graphs),
         where the allocator cannot see the copy stream's use of the block."""
-        for entry, storage in self._pending:
-            if entry.stored is not None:
-                torch.cuda.current_stream(entry.device).wait_event(entry.stored)
-            storage.resize_(0)
+        for entry in self._pending:
+            torch.cuda.current_stream(entry.device).wait_event(entry.stored)
+            entry.storage.resize_(0)
         self._pending = []
 
     def _host_buffer(self, entry: _Stash) -> torch.Tensor:
