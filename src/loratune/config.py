@@ -196,7 +196,7 @@ class SpeedConfig(Section):
     cuda_graphs: bool = Field(
         True, description="On CUDA with compiled layers, record each packed micro-batch's forward, loss and backward "
                           "as one CUDA graph per packed length (rows padded to bucket_tokens, 256 if unset) and "
-                          "replay it: the CPU no longer issues ~6,000 kernels per step (H100, Phi-2 QLoRA: 1.9x the "
+                          "replay it: the CPU no longer issues ~6,000 kernels per step (H100, Phi-2 QLoRA: 1.8x the "
                           "step rate). Every length the data can make is recorded before the first step (~20 s "
                           "after compilation for Phi-2). The activation offload is recorded with it.")
     bucket_tokens: int | None = Field(
