@@ -54,6 +54,7 @@ ABLATIONS = {
     "ours-ce256": ["speed.ce_chunk_tokens=256"],
     "ours-nodrop": ["lora.dropout=0"],
     "ours-no-offload": ["speed.offload_activations=false"],
+    "ours-no-fold": ["speed.folded_lora=false"],
     "ours-ce512": ["speed.ce_chunk_tokens=512"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
                      "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],
@@ -94,6 +95,7 @@ def run_ours(a: argparse.Namespace) -> None:
     from loratune.models.load import load_model
     from loratune.models.lora import add_lora, count_parameters
     from loratune.speed import apply_speed, pad_to_bucket
+    from loratune.speed.optimizer_graph import OptimizerStep
     from loratune.train import seed_everything
     from loratune.training.loop import accumulate
     from loratune.training.loss import loss_sum
@@ -130,6 +132,9 @@ def run_ours(a: argparse.Namespace) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True,
                                       lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.training, a.steps)
+    on = plan.graphs is not None
+    update = OptimizerStep(optimizer, [p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm,
+                           graphs=on and not a.eager_update, keep_grads=on)
     setup_s = time.perf_counter() - t_setup
 
     # --- the same synthetic data as the recipe and Unsloth: lengths(seed 0), tokens seeded by example index ---
@@ -166,7 +171,12 @@ def run_ours(a: argparse.Namespace) -> None:
         peaks[phase] = max(peaks[phase], torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
 
-    times, losses, real, processed, captured_at = [], [], [], [], []
+    times, losses, real, processed, captured_at, split_ms = [], [], [], [], [], []
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+
+    def real_tokens(b: dict) -> int:
+        return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+
     first_step_s = None
     profiler = None
     for step in range(a.steps):
@@ -177,7 +187,7 @@ def run_ours(a: argparse.Namespace) -> None:
         if profiler is not None and step == a.warmup + a.profile:
             profiler.__exit__(None, None, None)
             print(f"=== profile {a.name}: {a.profile} steps, by CUDA time")
-            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
+            print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=70, max_name_column_width=110))
             print(f"=== profile {a.name}: by CPU self time")
             print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=60))
             profiler = None
@@ -185,8 +195,12 @@ def run_ours(a: argparse.Namespace) -> None:
         cpu_batch = collate(examples[step * a.bs : (step + 1) * a.bs], pad_id, packing=cfg.data.packing)
         batch = {k: v.to("cuda", non_blocking=True) for k, v in cpu_batch.items()}
         torch.cuda.synchronize()
+        mem_before_step = torch.cuda.memory_allocated()
+        if a.memory_snapshot and step == a.warmup:  # the allocator's history of this one step (bench/memory_peak.py)
+            torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()  # peaks per phase: which part of the step sets the peak
+        events[0].record()
         with stance():
             if plan.graphs is not None:  # the training loop's own micro-batch call (CUDA graph replay inside)
                 loss, _ = accumulate(model, [cpu_batch], device="cuda", fast=cfg.training.fast_path)
@@ -196,13 +210,26 @@ def run_ours(a: argparse.Namespace) -> None:
                 phase_peak("forward")
                 loss.backward()
             phase_peak("backward")
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm)
-        optimizer.step()
+        events[1].record()
+        update()  # the training loop's clip + AdamW + zero_grad (one CUDA graph replay when graphs are on)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=plan.graphs is None)
         phase_peak("optimizer")
+        events[2].record()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        # GPU time of the micro-batch (forward + loss + backward, or its replay) and of clip + AdamW + zeroing; the
+        # rest of the step's wall time is the host's (launches, the batch copy, the loss read-back).
+        split_ms.append((events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2]), dt * 1e3))
+        if a.memory_snapshot and step == a.warmup:
+            import pickle
+
+            from memory_peak import report
+
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            (OUT / "memory_snapshot.pickle").write_bytes(pickle.dumps(snap))
+            print(f"=== memory of step {step} ({real_tokens(batch)} tokens); before it: "
+                  f"{mem_before_step / 2**30:.3f} GiB allocated\n{report(snap)}", flush=True)
         if plan.graphs is not None and plan.graphs.captures > captures_before:
             captured_at.append(step)  # this step ran eagerly and recorded a new packed length
         if step == 0:
@@ -210,12 +237,14 @@ def run_ours(a: argparse.Namespace) -> None:
             mem_states = torch.cuda.memory_allocated()
         times.append(dt)
         losses.append(float(loss))
-        real.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
+        real.append(real_tokens(batch))
         # speed.bucket_tokens pads the packed row inside loss_sum: count the tokens actually computed.
         bucket = plan.graphs.bucket if plan.graphs is not None else plan.bucket_tokens
         processed.append(pad_to_bucket(batch, bucket)["input_ids"].numel() if bucket else batch["input_ids"].numel())
     w = a.warmup
     t = sum(times[w:])
+    med = [sorted(x[i] for x in split_ms[w:])[len(split_ms[w:]) // 2] for i in range(3)]
+    split = dict(micro_batch_gpu_ms=round(med[0], 2), optimizer_gpu_ms=round(med[1], 2), step_wall_ms=round(med[2], 2))
     real_tps = sum(real[w:]) / t
     proc_tps = sum(processed[w:]) / t
     replayed = [i for i in range(w, a.steps) if i not in captured_at]  # steps that only replayed a CUDA graph
@@ -235,8 +264,9 @@ def run_ours(a: argparse.Namespace) -> None:
         peak_mem_gib=round(max(peaks.values()) / 2**30, 3),
         peak_by_phase_gib={k: round(v / 2**30, 3) for k, v in peaks.items()},
         mem_weights_gib=round(mem_weights / 2**30, 3), mem_with_adam_gib=round(mem_states / 2**30, 3),
-        max_step_tokens=max(real), cuda_graphs=graphs, graphs_prepare_s=prepare_s,
+        max_step_tokens=max(real), step_split_median=split, cuda_graphs=graphs, graphs_prepare_s=prepare_s,
         max_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3), skip_guards=a.skip_guards, inductor=a.inductor, foreach_adam=a.foreach_adam,
+        optimizer_graph=update.graph is not None,
         mfu_processed_vs_989=round(proc_tps * 4 * n_lin / PEAK_TFLOPS, 3),
         mfu_6n_real_vs_989=round(real_tps * 6 * n_lin / PEAK_TFLOPS, 3),
         loss_last=round(losses[-1], 4), loss_last5=round(sum(losses[-5:]) / len(losses[-5:]), 4),
@@ -338,9 +368,13 @@ def main() -> None:
     p.add_argument("--functorch", action="append", default=[], help="with --only ours: torch._functorch.config k=0/1")
     p.add_argument("--skip-guards", action="store_true", help="with --only ours: skip Dynamo guard evaluation "
                    "after the first step (torch.compiler.set_stance skip_guard_eval_unsafe)")
+    p.add_argument("--eager-update", action="store_true", help="with --only ours: clip + AdamW + zero_grad run "
+                   "eagerly even when the micro-batch replays as a CUDA graph (an A/B of speed.optimizer_graph)")
     p.add_argument("--foreach-adam", action="store_true", help="with --only ours: foreach AdamW, not fused")
     p.add_argument("--inductor", action="append", default=[], help="with --only ours: torch._inductor.config k=int")
     p.add_argument("--profile", type=int, default=0, help="with --only ours: profile this many steps after warm-up")
+    p.add_argument("--memory-snapshot", action="store_true", help="with --only ours: record the allocator's history "
+                   "of the first timed step, write $OUT/memory_snapshot.pickle, print what is live at its peak")
     a = p.parse_args()
     if a.only == "ours":
         return run_ours(a)

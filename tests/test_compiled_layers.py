@@ -21,6 +21,7 @@ from loratune.models.load import load_model
 from loratune.models.lora import add_lora
 from loratune.speed import apply_speed, attention, dropout, nf4, plan_of
 from loratune.speed.compile import compile_layers, decoder_layers
+from loratune.speed.lora import FOLD
 from loratune.training.loss import loss_sum
 from tests.conftest import save_tiny_model
 from tests.test_speed_equivalence import examples, lora_grads, nonzero_lora_b, reference_loss_and_grads, rel
@@ -104,8 +105,10 @@ def _qlora(model_dir, kind, dropout=0.0, checkpointing=True, speed=True):
     return model, loaded
 
 
-@pytest.mark.parametrize("kind", ["phi", "llama"])
-def test_compiled_layers_one_graph_same_gradients(kind, tmp_path, flash_on_cpu, one_thread):
+@pytest.mark.parametrize("kind,fold", [("phi", True), ("llama", True), ("llama", False)])
+def test_compiled_layers_one_graph_same_gradients(kind, fold, tmp_path, flash_on_cpu, one_thread):
+    """`fold`: each LoRA B inside its base matmul (speed.lora's Folded, the default under compile), with the rank
+    padded so rows of [x | h] stay 16-byte aligned (r=4 here)."""
     from torch._dynamo.utils import counters
 
     # Widths that are multiples of the 64-value quantization block: bitsandbytes' CPU dequantization kernel
@@ -114,6 +117,9 @@ def test_compiled_layers_one_graph_same_gradients(kind, tmp_path, flash_on_cpu, 
     eager, loaded = _qlora(model_dir, kind)
     plain, _ = _qlora(model_dir, kind, speed=False)  # plain transformers + peft over the same 4-bit base
     compiled = copy.deepcopy(eager)
+    for module in compiled.modules():
+        if hasattr(module, "_loratune_peft_forward"):
+            module.__dict__[FOLD] = fold
     torch._dynamo.reset()
     counters.clear()
     compile_layers(compiled, backend="aot_eager")
@@ -182,8 +188,12 @@ def test_recomputed_dropout_equals_stored(tmp_path, flash_on_cpu, one_thread):
     equal those of the same compiled model without recomputation (same seeds), and differ from dropout off."""
     model_dir = save_tiny_model(tmp_path, "phi", hidden=64)
     runs = {}
-    for name, ckpt, p in (("recompute", True, 0.2), ("stored", False, 0.2), ("no-dropout", True, 0.0)):
+    for name, ckpt, p, fold in (("recompute", True, 0.2, False), ("stored", False, 0.2, False),
+                                ("no-dropout", True, 0.0, False), ("folded", True, 0.2, True)):
         model, loaded = _qlora(model_dir, "phi", dropout=p, checkpointing=ckpt)
+        for module in model.modules():
+            if hasattr(module, "_loratune_peft_forward"):
+                module.__dict__[FOLD] = fold
         layers = decoder_layers(model)
         for layer in layers:
             layer.resid_dropout.p = p
@@ -209,9 +219,10 @@ def test_recomputed_dropout_equals_stored(tmp_path, flash_on_cpu, one_thread):
     assert runs["recompute"][0] != pytest.approx(runs["no-dropout"][0], rel=1e-3)
     for name, g in runs["stored"][1].items():
         assert rel(runs["recompute"][1][name], g) < 1e-5, name
+        assert rel(runs["folded"][1][name], g) < 1e-5, name  # B inside the base matmul: the same masks and maths
     # Recomputation keeps only each layer's inputs, with or without dropout (a symbolic dropout rate once made
-    # the partitioner keep `x * scale` of every dropout site: 7.3 GiB instead of 3.4 on Phi-2).
-    assert runs["recompute"][2] == runs["no-dropout"][2] < runs["stored"][2]
+    # the partitioner keep `x * scale` of every dropout site: 7.3 GiB instead of 3.4 on Phi-2), folded or not.
+    assert runs["recompute"][2] == runs["no-dropout"][2] == runs["folded"][2] < runs["stored"][2]
 
 
 def test_offloaded_layer_inputs_same_gradients(tmp_path, flash_on_cpu, one_thread):

@@ -2,13 +2,15 @@
 
 - attention.py      packed rows attend per example (flash varlen / SDPA per segment), no [T x T] mask
 - precision.py      frozen weights back in the compute dtype; LoRA matmuls under autocast over fp32 masters
-- lora.py           each LoRA projection (4-bit or plain base) as one fused autograd node
+- lora.py           each LoRA projection (4-bit or plain base) as one fused autograd node; compiled: LoRA B
+                    folded into the base matmul
 - cross_entropy.py  output head + cross-entropy per chunk with the gradient in the same pass (no full logits)
 - compile.py        torch.compile of each decoder layer (regional), recomputation inside the compiled region
 - nf4.py            NF4 dequantization as torch ops (traceable, fused by Inductor)
 - dropout.py        counter-based dropout inside compiled layers (recomputed exactly without RNG state)
 - offload.py        the compiled layers' inputs in pinned CPU memory between forward and backward
 - graphs.py         the packed micro-batch's forward + loss + backward recorded and replayed as CUDA graphs
+- optimizer_graph.py  clip + AdamW + zero_grad recorded as one CUDA graph
 
 Every lever but the CPU's bf16 autocast is exact (tests/test_speed_equivalence.py compares with plain transformers +
 peft) and has a switch in the `speed` config section. `apply_speed` returns a `SpeedPlan` that it also attaches to
@@ -87,6 +89,13 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
 
         layers = decoder_layers(model)
         plan.dropout_seed = dropout.install(layers, device)
+        if cfg.folded_lora and "fused_lora" in plan.applied:
+            from loratune.speed.lora import FOLD
+
+            for module in model.modules():
+                if hasattr(module, "_loratune_peft_forward"):
+                    module.__dict__[FOLD] = True
+            plan.applied.append("folded_lora")
         recomputed = checkpointed(layers)  # read before compile_layers moves the recomputation inside
         if compile_layers(model):
             plan.applied.append("compile")
@@ -96,7 +105,7 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
                 plan.applied.append("offload_activations")
             if cfg.cuda_graphs and device_type == "cuda" and _graphable(model, plan):
                 plan.graphs = StepGraphs(model, [p for p in model.parameters() if p.requires_grad],
-                                         bucket=cfg.bucket_tokens or 256, autocast=plan.autocast,
+                                         bucket=cfg.bucket_tokens or 128, autocast=plan.autocast,
                                          dropout_seed=plan.dropout_seed, offload=plan.offload,
                                          ce_chunk_tokens=cfg.ce_chunk_tokens)
                 plan.applied.append("cuda_graphs")

@@ -64,6 +64,14 @@ def recompute_inside(layers: list[torch.nn.Module]) -> bool:
     return True
 
 
+# A concatenation is written as one kernel per input, each into its slice of the output, never as one "pointwise
+# cat" kernel that selects its source per element. Inductor's default fused the NF4 dequantization of the weight
+# that speed.lora's folded projection concatenates with its LoRA B ([W | s B]) into such a kernel: with masked loads
+# from every source for every element it ran 2x slower than the dequantization alone (H100, Phi-2: 103 us instead
+# of 53 per fc1 call), and 8x with five sources (bench/NOTES.md entry 26).
+INDUCTOR_OPTIONS = {"max_pointwise_cat_inputs": 1, "max_complex_pointwise_cat_inputs": 1}
+
+
 def compile_layers(model: Any, backend: str = "inductor") -> int:
     """Compile every decoder layer in place; returns how many were compiled. (CUDA graphs are recorded around
     the whole micro-batch by speed.graphs, not per layer: torch's cudagraph trees crashed on these layers.)"""
@@ -83,6 +91,11 @@ def compile_layers(model: Any, backend: str = "inductor") -> int:
         AttentionInterface.register(name, torch.compiler.disable(fn))
     layers = decoder_layers(model)
     recompute_inside(layers)
+    options = None
+    if backend == "inductor":  # (torch 2.11 knows only the first of the two settings)
+        import torch._inductor.config as inductor_config
+
+        options = {k: v for k, v in INDUCTOR_OPTIONS.items() if hasattr(inductor_config, k)}
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend)
+        layer.compile(dynamic=True, backend=backend, options=options)
     return len(layers)

@@ -20,7 +20,8 @@ again, as bitsandbytes does. The maths is peft's; `tests/test_speed_equivalence.
 Inside `torch.compile` (speed.compile) the same maths is written as plain torch ops instead (`_traced_lora`): the
 4-bit weight is dequantized by `speed.nf4` (bitsandbytes' ctypes call would split the compiled layer), and
 AOTAutograd derives the backward, so the whole decoder layer is one forward and one backward graph whose
-elementwise work (dequantization, dropout, scaling, the LoRA add) Inductor fuses.
+elementwise work (dequantization, dropout, scaling) Inductor fuses. There, with `speed.folded_lora`, B runs inside the
+base matmul (`Folded`: [x | h] @ [W | s B]^T), which keeps fewer [tokens x out] buffers alive in the backward.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 
 from loratune.speed import nf4
 from loratune.speed.dropout import RATES, SALT, SEED, hashed_dropout
+
+FOLD = "_loratune_fold"  # on a fused projection: compiled code folds its LoRA B into the base matmul (speed.folded_lora)
 
 
 def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -89,48 +92,123 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+class Folded(torch.autograd.Function):
+    """[x | h] @ [w | b]^T + bias as one matmul, `w` and `bias` frozen: the LoRA product h B^T is never written
+    out and added, and the backward returns dx and dh from one matmul over dy, plus db = dy^T h. Writing the same
+    with plain ops would make autograd compute the [out x in] gradient of the frozen w as well.
+
+    Why (H100, Llama ~1B, 4,096 tokens): with the LoRA product separate, Inductor fuses the add into its consumers,
+    so the backward of one MLP held the base and LoRA outputs of gate and up, and the base and LoRA input
+    gradients of down, side by side: 12 [tokens x intermediate] buffers at the peak. Folded (and with the scaling on
+    B), the peak falls by 0.21 GiB on Llama ~1B and 0.15 GiB on Phi-2 (bench/NOTES.md entry 25)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        wb = torch.cat([w, b], dim=1)
+        ctx.save_for_backward(h, wb)
+        ctx.k = x.shape[1]
+        return F.linear(torch.cat([x, h], dim=1), wb, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        h, wb = ctx.saved_tensors
+        dxh = dy @ wb
+        return dxh[:, : ctx.k], dxh[:, ctx.k :], None, dy.t() @ h, None
+
+
+def _lora_input(x: torch.Tensor, p: float, hashed: tuple[int, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The LoRA A input: x under the projection's dropout (speed.dropout's counter-based one when installed)."""
+    if hashed is not None:
+        return hashed_dropout(x, *hashed) if hashed[0] else x
+    return F.dropout(x, p, training=True) if p > 0 else x
+
+
 def _traced_lora(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, dropout_p: float,
-                 hashed: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The fused node's forward as traceable ops (for compiled code; autograd derives the backward). With
-    `hashed` = (drop ppm, seed, salt) the input dropout is speed.dropout's counter-based one (recomputed exactly,
-    nothing stored)."""
+                 hashed: tuple[int, torch.Tensor, torch.Tensor] | None = None, fold: bool = True) -> torch.Tensor:
+    """The fused node's forward as traceable ops (for compiled code; autograd derives the rest of the backward).
+    With `hashed` = (drop ppm, seed, salt) the input dropout is speed.dropout's counter-based one (recomputed
+    exactly, nothing stored); `fold` runs base and LoRA B as one matmul (`Folded`)."""
     dtype = x.dtype
-    out = F.linear(x, w, None if bias is None else bias.to(dtype))
-    if hashed is not None:
-        xd = hashed_dropout(x, *hashed) if hashed[0] else x
-    else:
-        xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    return out + F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = _lora_input(x2, dropout_p, hashed)
+    # The scaling goes on B (an [out, r] matrix), not on the [tokens, out] product: scaling the product made the
+    # backward keep a second, scaled copy of the output gradient. Exact for a power-of-two scaling.
+    b = (lora_b * scaling).to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    h = F.linear(xd, lora_a.to(dtype))
+    if not fold:
+        return F.linear(x, w, bias) + F.linear(h, b).view(*x.shape[:-1], b.shape[0])
+    pad = -(x2.shape[1] + h.shape[1]) % 8  # rows of [x | h] on 16 bytes: cuBLAS's aligned kernels for any rank
+    if pad:
+        h, b = F.pad(h, (0, pad)), F.pad(b, (0, pad))
+    y = Folded.apply(x2, h, w, b, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _adapter_for_fast_path(self: Any, x: torch.Tensor) -> str | None:
+    """The one plain adapter this call can run through the fused maths, or None for peft's own path."""
+    adapters = self.active_adapters
+    # Evaluation and generation keep peft's path: bitsandbytes has 4-bit inference kernels (gemv for one token)
+    # that beat dequantize + matmul there, and no backward is needed.
+    if (not self.training or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] not in self.lora_A or torch.is_autocast_enabled(x.device.type)):
+        return None
+    if getattr(getattr(self.base_layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacked this weight for its CPU kernel (after a forward through it): not the layout its
+        # dequantize_4bit reads. Its own path stays correct.
+        return None
+    return adapters[0]
+
+
+def _traceable(self: Any) -> bool:
+    """Compiled code can read this projection's base weight as torch ops (a plain weight, or attached NF4)."""
+    return nf4.attached(self.base_layer) or getattr(self.base_layer.weight, "quant_state", None) is None
+
+
+def _compute_dtype(self: Any, x: torch.Tensor) -> torch.dtype:
+    return getattr(self.base_layer, "compute_dtype", None) or x.dtype
+
+
+def _dropout_rate(self: Any, name: str) -> float:
+    dropout = self.lora_dropout[name]
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+
+
+def _hashed_args(self: Any, name: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """speed.dropout's (drop ppm, seed, salt) for this projection, when installed."""
+    rates = self.__dict__.get(RATES)
+    return (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
+
+
+def _base_weight(self: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight [out, in] in `dtype`, as torch ops (compiled code only)."""
+    base = self.base_layer
+    return nf4.dequantize(base, dtype) if nf4.attached(base) else base.weight.to(dtype)
+
+
+def _traced_forward(self: Any, x: torch.Tensor, name: str) -> torch.Tensor:
+    """This projection alone, as traceable ops (compiled code)."""
+    compute = _compute_dtype(self, x)
+    out = _traced_lora(x.to(compute), _base_weight(self, compute), self.base_layer.bias, self.lora_A[name].weight,
+                       self.lora_B[name].weight, float(self.scaling[name]), float(_dropout_rate(self, name)),
+                       _hashed_args(self, name), fold=self.__dict__.get(FOLD, False))
+    return out.to(x.dtype)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Replacement forward for a peft LoRA linear with one plain adapter; anything else takes peft's own path."""
-    adapters = self.active_adapters
-    # Evaluation and generation keep peft's path: bitsandbytes has 4-bit inference kernels (gemv for one token)
-    # that beat dequantize + matmul there, and no backward is needed.
-    if (not self.training or self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
-            or adapters[0] not in self.lora_A or torch.is_autocast_enabled(x.device.type)):
+    name = None if args or kwargs else _adapter_for_fast_path(self, x)
+    if name is None:
         return self._loratune_peft_forward(x, *args, **kwargs)
-    base = self.base_layer
-    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
-        # bitsandbytes repacked this weight for its CPU kernel (after a forward through it): not the layout its
-        # dequantize_4bit reads. Its own path stays correct.
-        return self._loratune_peft_forward(x, *args, **kwargs)
-    name = adapters[0]
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
-    compute = getattr(base, "compute_dtype", None) or x.dtype
     # Compiled code takes the traced maths, unless a 4-bit weight has no torch-op reader (then the fused node).
-    if torch.compiler.is_compiling() and (nf4.attached(base) or getattr(base.weight, "quant_state", None) is None):
-        w = nf4.dequantize(base, compute) if nf4.attached(base) else base.weight.to(compute)
-        rates = self.__dict__.get(RATES)
-        hashed = (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
-        out = _traced_lora(x.to(compute), w, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           float(self.scaling[name]), float(p), hashed)
-        return out.to(x.dtype)
-    out = _FusedLoraLinear.apply(x.to(compute), base.weight, base.bias, self.lora_A[name].weight,
-                                 self.lora_B[name].weight, float(self.scaling[name]), float(p))
+    if torch.compiler.is_compiling() and _traceable(self):
+        return _traced_forward(self, x, name)
+    compute = _compute_dtype(self, x)
+    out = _FusedLoraLinear.apply(x.to(compute), self.base_layer.weight, self.base_layer.bias,
+                                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
+                                 float(_dropout_rate(self, name)))
     return out.to(x.dtype)
 
 

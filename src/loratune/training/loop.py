@@ -22,6 +22,7 @@ from loratune.data.batching import collate, n_real_tokens, n_target_tokens, sche
 from loratune.data.tokenize import Example
 from loratune.errors import LoratuneError, TrainingInterrupted
 from loratune.speed import plan_of
+from loratune.speed.optimizer_graph import OptimizerStep, last_lr
 from loratune.training import checkpoint as ckpt
 from loratune.training.distributed import DistContext
 from loratune.training.loss import loss_sum
@@ -157,6 +158,10 @@ def fit(
     checkpoints = run_dir / "checkpoints"
     trainable = [p for p in model.parameters() if p.requires_grad]
     speed_plan = plan_of(model)
+    # Under CUDA graphs the recorded backward adds into fixed .grad tensors (zeroed in place), and the update is
+    # recorded too (speed.optimizer_graph).
+    graphs = speed_plan is not None and speed_plan.graphs is not None
+    update = OptimizerStep(optimizer, trainable, settings.max_grad_norm, graphs=graphs, keep_grads=graphs)
     best_ckpt: Path | None = None
     last_ckpt: Path | None = None
     if state.best_step is not None and (checkpoints / f"step-{state.best_step:06d}").is_dir():
@@ -200,19 +205,15 @@ def fit(
                 step_loss, local_real = accumulate(model, batches, device=device, fast=fast, dist=dist,
                                                    counted=counted)
                 dist.sum_gradients(trainable)
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-                optimizer.step()
+                update()  # clip + optimizer step + zero_grad (one CUDA graph replay under speed.cuda_graphs)
                 scheduler.step()
-                # Under CUDA graphs the recorded backward adds into these very .grad tensors: zero them in place.
-                optimizer.zero_grad(set_to_none=speed_plan is None or speed_plan.graphs is None)
                 (step_real,) = dist.sum(local_real)
                 state.step = step
                 current_step = step
                 state.train_tokens += int(step_real)
                 window_loss += step_loss
                 window_steps += 1
-                lr = scheduler.get_last_lr()[0]
+                lr = last_lr(scheduler)
                 best = f"  best val {state.best_val_loss:.4f} @ {state.best_step}" if state.best_step else ""
                 progress.update(step, step_loss, int(step_real), lr, extra=best)
                 if step % settings.logging_steps == 0 or step == total_steps:
