@@ -12,7 +12,8 @@ What makes that exact:
   anything else) is copied into the recorded tensor before the next replay;
 - AdamW keeps its step count on the device (fused, or `capturable`), so bias correction advances in the replay;
 - gradients are zeroed in place, so the next backward (and speed.graphs' recordings) add into the same tensors; if
-  the `.grad` or parameter tensors change (a `set_to_none`, a loaded checkpoint), the update is recorded again.
+  the `.grad` or parameter tensors change (a `set_to_none`), or the optimizer's state is replaced (a
+  `load_state_dict`), the update is recorded again.
 The first update runs eagerly (it creates AdamW's state) and is recorded after it; later ones replay.
 
 Only torch's AdamW/Adam in their fused or capturable form qualify (bitsandbytes' 8-bit optimizers keep the step
@@ -53,13 +54,14 @@ class OptimizerStep:
         self.replays = 0
         self._lrs: list[torch.Tensor] = []
         self._ptrs: list[int] = []
+        self._state: Any = None
 
     def __call__(self) -> None:
         if not self.graphs:
             self._body()
             return
         self._sync_lrs()
-        if self.graph is not None and self._ptrs == self._pointers():
+        if self.graph is not None and self._ptrs == self._pointers() and self._state is self.optimizer.state:
             self.graph.replay()
             self.replays += 1
             return
@@ -89,6 +91,7 @@ class OptimizerStep:
                 group["capturable"] = flag
         self.graph = graph
         self._ptrs = self._pointers()
+        self._state = self.optimizer.state  # load_state_dict builds a new one (new moment tensors)
 
     def _body(self) -> None:
         if self.max_grad_norm:
