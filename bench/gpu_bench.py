@@ -55,6 +55,8 @@ ABLATIONS = {
     "ours-nodrop": ["lora.dropout=0"],
     "ours-no-offload": ["speed.offload_activations=false"],
     "ours-no-fold": ["speed.folded_lora=false"],
+    "ours-mlp2": ["speed.mlp_chunks=2"],
+    "ours-mlp4": ["speed.mlp_chunks=4"],
     "ours-ce512": ["speed.ce_chunk_tokens=512"],
     "ours-all-off": ["speed.compile=off", "speed.varlen_attention=false", "speed.fused_cross_entropy=false",
                      "speed.fused_lora=false", "speed.compute_dtype_frozen=false", "data.packing=false"],

@@ -198,6 +198,11 @@ class SpeedConfig(Section):
                           "[W | s B]^T, one matmul; its backward gives dx and dh together): no [tokens x out] LoRA "
                           "product is written and added. Exact. H100 peak: Llama ~1B 1.83 -> 1.62 GiB, Phi-2 3.01 -> "
                           "2.86 GiB.")
+    mlp_chunks: int = Field(
+        1, ge=1, le=64, description="In compiled layers, compute a gated MLP (Llama-style gate/up/down) in this many "
+                                    "slices of its intermediate dimension, so that its backward holds one slice's "
+                                    "buffers at a time (a memory lever; the same masks and maths). 1 = off. Its GPU "
+                                    "speed and memory have not been measured yet (bench/NOTES.md).")
     cuda_graphs: bool = Field(
         True, description="On CUDA with compiled layers, record each packed micro-batch's forward, loss and backward "
                           "as one CUDA graph per packed length (rows padded to bucket_tokens, 128 if unset) and "

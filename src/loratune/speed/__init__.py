@@ -6,6 +6,7 @@
                     folded into the base matmul
 - cross_entropy.py  output head + cross-entropy per chunk with the gradient in the same pass (no full logits)
 - compile.py        torch.compile of each decoder layer (regional), recomputation inside the compiled region
+- chunked_mlp.py    a gated MLP in slices of its intermediate dimension (compiled; opt-in memory lever)
 - nf4.py            NF4 dequantization as torch ops (traceable, fused by Inductor)
 - dropout.py        counter-based dropout inside compiled layers (recomputed exactly without RNG state)
 - offload.py        the compiled layers' inputs in pinned CPU memory between forward and backward
@@ -96,6 +97,11 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
                 if hasattr(module, "_loratune_peft_forward"):
                     module.__dict__[FOLD] = True
             plan.applied.append("folded_lora")
+        if cfg.mlp_chunks > 1 and "fused_lora" in plan.applied:
+            from loratune.speed import chunked_mlp
+
+            if chunked_mlp.install(layers, cfg.mlp_chunks):
+                plan.applied.append(f"mlp_chunks_{cfg.mlp_chunks}")
         recomputed = checkpointed(layers)  # read before compile_layers moves the recomputation inside
         if compile_layers(model):
             plan.applied.append("compile")

@@ -43,7 +43,7 @@ def to_ppm(p: float) -> int:
     return round(p * PPM)
 
 
-def hashed_dropout(x: torch.Tensor, ppm: int, seed: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+def hashed_dropout(x: torch.Tensor, ppm: int, seed: torch.Tensor, salt: torch.Tensor, col0: int = 0) -> torch.Tensor:
     """Inverted dropout of `x` with drop probability ppm / 10^6; the mask depends only on (seed, salt, index).
 
     The probability is an int on purpose: a float module attribute is traced as a symbolic value, the arithmetic
@@ -52,10 +52,12 @@ def hashed_dropout(x: torch.Tensor, ppm: int, seed: torch.Tensor, salt: torch.Te
     bytes). Ints on modules are constants to torch.compile.
 
     The element index enters as (row, column) through additions and xors only: Inductor folds index
-    arithmetic, and a flat index times a 32-bit constant became a literal too large for int32 in the kernel."""
+    arithmetic, and a flat index times a 32-bit constant became a literal too large for int32 in the kernel.
+    `col0`: the first column's index, when x is a column slice of a wider tensor (speed.chunked_mlp): the slice
+    gets the very mask the whole tensor would."""
     x2 = x.reshape(-1, x.shape[-1])
     rows = torch.arange(x2.shape[0], device=x.device, dtype=torch.int32)[:, None]
-    cols = torch.arange(x2.shape[1], device=x.device, dtype=torch.int32)[None, :]
+    cols = torch.arange(col0, col0 + x2.shape[1], device=x.device, dtype=torch.int32)[None, :]
     key = _fmix32(seed.to(torch.int32) * 0x632BE5AB + salt.to(torch.int32))
     bits = (_fmix32(_fmix32(rows + key) ^ cols) >> 8) & 0xFFFFFF  # the top 24 bits, uniform in [0, 2^24)
     keep = bits >= (ppm << 24) // PPM

@@ -117,10 +117,12 @@ class Folded(torch.autograd.Function):
         return dxh[:, : ctx.k], dxh[:, ctx.k :], None, dy.t() @ h, None
 
 
-def _lora_input(x: torch.Tensor, p: float, hashed: tuple[int, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The LoRA A input: x under the projection's dropout (speed.dropout's counter-based one when installed)."""
+def lora_input(x: torch.Tensor, p: float, hashed: tuple[int, torch.Tensor, torch.Tensor] | None,
+               col0: int = 0) -> torch.Tensor:
+    """The LoRA A input: x under the projection's dropout (speed.dropout's counter-based one when installed; `col0`
+    is x's first column in the full input when x is a slice of it)."""
     if hashed is not None:
-        return hashed_dropout(x, *hashed) if hashed[0] else x
+        return hashed_dropout(x, *hashed, col0=col0) if hashed[0] else x
     return F.dropout(x, p, training=True) if p > 0 else x
 
 
@@ -132,7 +134,7 @@ def _traced_lora(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lo
     exactly, nothing stored); `fold` runs base and LoRA B as one matmul (`Folded`)."""
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    xd = _lora_input(x2, dropout_p, hashed)
+    xd = lora_input(x2, dropout_p, hashed)
     # The scaling goes on B (an [out, r] matrix), not on the [tokens, out] product: scaling the product made the
     # backward keep a second, scaled copy of the output gradient. Exact for a power-of-two scaling.
     b = (lora_b * scaling).to(dtype)
@@ -147,7 +149,7 @@ def _traced_lora(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lo
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _adapter_for_fast_path(self: Any, x: torch.Tensor) -> str | None:
+def adapter_for_fast_path(self: Any, x: torch.Tensor) -> str | None:
     """The one plain adapter this call can run through the fused maths, or None for peft's own path."""
     adapters = self.active_adapters
     # Evaluation and generation keep peft's path: bitsandbytes has 4-bit inference kernels (gemv for one token)
@@ -162,27 +164,27 @@ def _adapter_for_fast_path(self: Any, x: torch.Tensor) -> str | None:
     return adapters[0]
 
 
-def _traceable(self: Any) -> bool:
+def traceable(self: Any) -> bool:
     """Compiled code can read this projection's base weight as torch ops (a plain weight, or attached NF4)."""
     return nf4.attached(self.base_layer) or getattr(self.base_layer.weight, "quant_state", None) is None
 
 
-def _compute_dtype(self: Any, x: torch.Tensor) -> torch.dtype:
+def compute_dtype(self: Any, x: torch.Tensor) -> torch.dtype:
     return getattr(self.base_layer, "compute_dtype", None) or x.dtype
 
 
-def _dropout_rate(self: Any, name: str) -> float:
+def dropout_rate(self: Any, name: str) -> float:
     dropout = self.lora_dropout[name]
     return dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
 
 
-def _hashed_args(self: Any, name: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def hashed_args(self: Any, name: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """speed.dropout's (drop ppm, seed, salt) for this projection, when installed."""
     rates = self.__dict__.get(RATES)
     return (rates[name], getattr(self, SEED), getattr(self, SALT)) if rates and name in rates else None
 
 
-def _base_weight(self: Any, dtype: torch.dtype) -> torch.Tensor:
+def base_weight(self: Any, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight [out, in] in `dtype`, as torch ops (compiled code only)."""
     base = self.base_layer
     return nf4.dequantize(base, dtype) if nf4.attached(base) else base.weight.to(dtype)
@@ -190,25 +192,25 @@ def _base_weight(self: Any, dtype: torch.dtype) -> torch.Tensor:
 
 def _traced_forward(self: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     """This projection alone, as traceable ops (compiled code)."""
-    compute = _compute_dtype(self, x)
-    out = _traced_lora(x.to(compute), _base_weight(self, compute), self.base_layer.bias, self.lora_A[name].weight,
-                       self.lora_B[name].weight, float(self.scaling[name]), float(_dropout_rate(self, name)),
-                       _hashed_args(self, name), fold=self.__dict__.get(FOLD, False))
+    compute = compute_dtype(self, x)
+    out = _traced_lora(x.to(compute), base_weight(self, compute), self.base_layer.bias, self.lora_A[name].weight,
+                       self.lora_B[name].weight, float(self.scaling[name]), float(dropout_rate(self, name)),
+                       hashed_args(self, name), fold=self.__dict__.get(FOLD, False))
     return out.to(x.dtype)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Replacement forward for a peft LoRA linear with one plain adapter; anything else takes peft's own path."""
-    name = None if args or kwargs else _adapter_for_fast_path(self, x)
+    name = None if args or kwargs else adapter_for_fast_path(self, x)
     if name is None:
         return self._loratune_peft_forward(x, *args, **kwargs)
     # Compiled code takes the traced maths, unless a 4-bit weight has no torch-op reader (then the fused node).
-    if torch.compiler.is_compiling() and _traceable(self):
+    if torch.compiler.is_compiling() and traceable(self):
         return _traced_forward(self, x, name)
-    compute = _compute_dtype(self, x)
+    compute = compute_dtype(self, x)
     out = _FusedLoraLinear.apply(x.to(compute), self.base_layer.weight, self.base_layer.bias,
                                  self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
-                                 float(_dropout_rate(self, name)))
+                                 float(dropout_rate(self, name)))
     return out.to(x.dtype)
 
 
