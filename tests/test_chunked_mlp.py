@@ -49,8 +49,9 @@ def _linears(graphs: list) -> int:
                if isinstance(sub, torch.fx.GraphModule) for node in sub.graph.nodes)
 
 
+@pytest.mark.usefixtures("flash_on_cpu", "one_thread")
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_sliced_mlp_same_loss_and_gradients(p, tmp_path, flash_on_cpu, one_thread):
+def test_sliced_mlp_same_loss_and_gradients(p, tmp_path):
     """Two slices of the intermediate dimension against the unsliced compiled layers: the same loss and LoRA
     gradients (rel < 1e-5), with dropout too (the slices draw the whole MLP's masks); without dropout also against
     plain transformers + peft (rel < 1e-3). The sliced maths is what was traced (more linear calls)."""
