@@ -21,7 +21,7 @@ from loratune.models.load import load_model
 from loratune.models.lora import add_lora
 from loratune.speed import apply_speed, attention, dropout, nf4, plan_of
 from loratune.speed.compile import compile_layers, decoder_layers
-from loratune.speed.lora import FOLD
+from loratune.speed.lora import set_folded
 from loratune.training.loss import loss_sum
 from tests.conftest import save_tiny_model
 from tests.test_speed_equivalence import examples, lora_grads, nonzero_lora_b, reference_loss_and_grads, rel
@@ -117,9 +117,7 @@ def test_compiled_layers_one_graph_same_gradients(kind, fold, tmp_path, flash_on
     eager, loaded = _qlora(model_dir, kind)
     plain, _ = _qlora(model_dir, kind, speed=False)  # plain transformers + peft over the same 4-bit base
     compiled = copy.deepcopy(eager)
-    for module in compiled.modules():
-        if hasattr(module, "_loratune_peft_forward"):
-            module.__dict__[FOLD] = fold
+    set_folded(compiled, fold)
     torch._dynamo.reset()
     counters.clear()
     compile_layers(compiled, backend="aot_eager")
@@ -191,9 +189,7 @@ def test_recomputed_dropout_equals_stored(tmp_path, flash_on_cpu, one_thread):
     for name, ckpt, p, fold in (("recompute", True, 0.2, False), ("stored", False, 0.2, False),
                                 ("no-dropout", True, 0.0, False), ("folded", True, 0.2, True)):
         model, loaded = _qlora(model_dir, "phi", dropout=p, checkpointing=ckpt)
-        for module in model.modules():
-            if hasattr(module, "_loratune_peft_forward"):
-                module.__dict__[FOLD] = fold
+        set_folded(model, fold)
         layers = decoder_layers(model)
         for layer in layers:
             layer.resid_dropout.p = p

@@ -91,11 +91,9 @@ def apply_speed(model: Any, cfg: SpeedConfig, *, device: str, dtype: torch.dtype
         layers = decoder_layers(model)
         plan.dropout_seed = dropout.install(layers, device)
         if cfg.folded_lora and "fused_lora" in plan.applied:
-            from loratune.speed.lora import FOLD
+            from loratune.speed.lora import set_folded
 
-            for module in model.modules():
-                if hasattr(module, "_loratune_peft_forward"):
-                    module.__dict__[FOLD] = True
+            set_folded(model)
             plan.applied.append("folded_lora")
         if cfg.mlp_chunks > 1 and "fused_lora" in plan.applied:
             from loratune.speed import chunked_mlp

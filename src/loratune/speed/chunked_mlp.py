@@ -54,10 +54,12 @@ def install(layers: list[torch.nn.Module], chunks: int) -> int:
 
 def _chunked_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+    if not torch.compiler.is_compiling():
+        return self._loratune_mlp_forward(x)  # eager code: each projection's fused node
     names = [lora.adapter_for_fast_path(m, x) for m in (gate, up, down)]
-    if (not torch.compiler.is_compiling() or any(n is None for n in names)
-            or not all(lora.traceable(m) for m in (gate, up, down))):
-        return self._loratune_mlp_forward(x)  # eager code, evaluation, or a projection on peft's own path
+    if any(n is None for n in names) or not all(lora.traceable(m) for m in (gate, up, down)):
+        return self._loratune_mlp_forward(x)  # evaluation, or a projection on peft's own path
+    # (LoRA B is not folded into the base matmul here, as speed.lora does: the slices already bound the buffers.)
     compute = lora.compute_dtype(gate, x)
     x2 = x.reshape(-1, x.shape[-1]).to(compute)
     (wg, ag, bg, hg_args), (wu, au, bu, hu_args), (wd, ad, bd, hd_args) = (

@@ -68,7 +68,7 @@ def recompute_inside(layers: list[torch.nn.Module]) -> bool:
 # cat" kernel that selects its source per element. Inductor's default fused the NF4 dequantization of the weight
 # that speed.lora's folded projection concatenates with its LoRA B ([W | s B]) into such a kernel: with masked loads
 # from every source for every element it ran 2x slower than the dequantization alone (H100, Phi-2: 103 us instead
-# of 53 per fc1 call), and 8x with five sources (bench/NOTES.md entry 26).
+# of 53 per fc1 call), and 8x for a five-input concatenation (bench/NOTES.md entry 26).
 INDUCTOR_OPTIONS = {"max_pointwise_cat_inputs": 1, "max_complex_pointwise_cat_inputs": 1}
 
 

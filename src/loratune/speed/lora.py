@@ -238,3 +238,14 @@ def fuse_lora_linears(model: Any) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count
+
+
+def set_folded(model: Any, on: bool = True) -> int:
+    """Mark every fused LoRA projection to fold its B into the base matmul in compiled code (`Folded`) or not;
+    returns how many were marked."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "_loratune_peft_forward"):
+            module.__dict__[FOLD] = on
+            count += 1
+    return count
