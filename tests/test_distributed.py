@@ -124,8 +124,10 @@ def test_fsdp_qlora_two_processes_match_one(fsdp_runs):
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 2, 3, 4, 4]
     for key in ("loss", "val_loss"):
         a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
-        # the one-process run evaluates through bitsandbytes' packed CPU kernel, FSDP through the plain one
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3, key
+        # the one-process run evaluates through bitsandbytes' packed CPU kernel, FSDP through the plain one, both in
+        # bfloat16 (8 significant bits): their sums differ in the last bits, more on some CPUs than others (CI saw
+        # 2.1e-4 relative on a validation loss of 4.88). A wrong shard or a missed reduction moves the loss by percents.
+        assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 5e-4, key
     # Adam divides by sqrt(v): an element whose gradient is ~0 may step +-lr on float-order noise alone, so the
     # adapters are compared as a whole (relative Frobenius distance) rather than element by element.
     a, b = adapter_weights(fsdp / "adapter"), adapter_weights(single / "adapter")
