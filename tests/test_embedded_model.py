@@ -18,6 +18,11 @@ def test_alias_converts_once_to_safetensors_folder(smollm2_dir):
 
     assert (smollm2_dir / "model.safetensors").is_file()
     assert convert_gguf(gguf_path_for_alias("smollm2-135m-instruct")) == smollm2_dir  # cached, not redone
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    # the GGUF's ids 1 and 2 (transformers 5.17 alone read the EOS as <|im_start|>)
+    assert (tok.bos_token, tok.eos_token, tok.eos_token_id) == ("<|im_start|>", "<|im_end|>", 2)
 
 
 def test_two_real_lora_steps_on_gsm8k(tmp_path, smollm2_dir):

@@ -30,10 +30,13 @@ def merged_run(tmp_path_factory, tiny_llama_dir):
 
 
 def _load_gguf(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The way loratune reads a GGUF (model.base: file.gguf): transformers' loader, special tokens from the file."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.models.load import gguf_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, gguf_tokenizer(path)
 
 
 @pytest.mark.parametrize("gguf_type,tolerance,greedy_prompts", [("f16", 0.02, 3), ("q8_0", 0.5, 0)])
@@ -122,9 +125,10 @@ def test_unsupported_architecture_and_bad_type(tiny_phi_dir, merged_run, tmp_pat
 def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     """A Llama 2 style vocabulary (BPE over Metaspace with <0xNN> byte fallback) is written as tokenizer model
     "llama" and reads back to the same ids, unknown characters included."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaTokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaTokenizer
 
     from loratune.models.export import write_gguf
+    from loratune.models.load import gguf_tokenizer
 
     pieces = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], *"\u2581abcdefghijklmnopqrstuvwxyz",
               "\u2581t", "he", "\u2581the", "is", "\u2581is"]
@@ -135,10 +139,10 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     path = write_gguf(model, tok, tmp_path / "spm.gguf")
-    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    back = gguf_tokenizer(path)
     text = "the cat is here, \u00dcn\u00efcode!"
     ids = tok(text).input_ids
-    assert back(text).input_ids == ids and tok.convert_ids_to_tokens(ids[:3]) == ["\u2581the", "\u2581", "c"]
+    assert back.eos_token == "</s>" and back(text).input_ids == ids and tok.convert_ids_to_tokens(ids[:3]) == ["\u2581the", "\u2581", "c"]
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (reloaded(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits).abs().max() < 0.01

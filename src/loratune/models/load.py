@@ -69,20 +69,47 @@ GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "ge
                       "starcoder2", "mamba", "t5", "nemotron", "bloom", "gpt_neox")
 
 
+# GGUF metadata key (tokenizer.ggml.*) of each special token.
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                        "unk_token": "unknown_token_id"}
+
+
+def gguf_tokenizer(gguf: Path) -> Any:
+    """transformers' tokenizer for a GGUF file, with the special tokens the file states.
+
+    Why our own step: transformers 5.17's GGUF converter for BPE vocabularies names the BOS as the EOS
+    (`eos_token = tokens[bos_token_id]`) and drops the padding token (fixed in later releases). On SmolLM2 the EOS
+    became `<|im_start|>`, so a model trained on it would learn to stop on the wrong token."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    fields = GGUFReader(str(gguf)).fields
+    for attr, key in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is None or not field.data:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
+        if token is not None and getattr(tokenizer, attr) != token:
+            setattr(tokenizer, attr, token)
+    return tokenizer
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into an ordinary safetensors folder under the cache (Trainer-style training
     refuses GGUF-flagged models). Keyed by file path, size and mtime; written to a temporary name, then renamed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from loratune.runs import atomic_path
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # "tok2": folders converted before gguf_tokenizer() may hold transformers 5.17's wrong EOS; they are rebuilt
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|tok2".encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = gguf_tokenizer(gguf)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError) as e:
         msg = str(e).splitlines()[0][:200]
