@@ -23,7 +23,7 @@ test: $(VENV)/.installed-test
 	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The same suite on the oldest supported transformers / peft / accelerate (scripts/oldest.txt), in its own venv.
+# The same suite on the oldest supported versions of the dependencies (scripts/oldest.txt), in its own venv.
 OLDEST := .venv-oldest
 $(OLDEST)/.installed-test: pyproject.toml scripts/install.sh scripts/oldest.txt
 	CONSTRAINTS=scripts/oldest.txt bash scripts/install.sh $(OLDEST) "test"
