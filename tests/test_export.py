@@ -142,7 +142,8 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     back = gguf_tokenizer(path)
     text = "the cat is here, \u00dcn\u00efcode!"
     ids = tok(text).input_ids
-    assert back.eos_token == "</s>" and back(text).input_ids == ids and tok.convert_ids_to_tokens(ids[:3]) == ["\u2581the", "\u2581", "c"]
+    assert back.eos_token == "</s>" and back(text).input_ids == ids
+    assert tok.convert_ids_to_tokens(ids[:3]) == ["\u2581the", "\u2581", "c"]
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (reloaded(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits).abs().max() < 0.01

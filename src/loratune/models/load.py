@@ -87,9 +87,9 @@ def gguf_tokenizer(gguf: Path) -> Any:
     fields = GGUFReader(str(gguf)).fields
     for attr, key in _GGUF_SPECIAL_TOKENS.items():
         field = fields.get(f"tokenizer.ggml.{key}")
-        if field is None or not field.data:
+        if field is None:
             continue
-        token = tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
+        token = tokenizer.convert_ids_to_tokens(int(field.contents()))
         if token is not None and getattr(tokenizer, attr) != token:
             setattr(tokenizer, attr, token)
     return tokenizer
